@@ -1,0 +1,477 @@
+"""
+The Transformer (Llama / Qwen2 / Qwen3 / Mistral family), attention by mask function,
+a static KV cache, and Hugging Face weights in and out.
+
+Attention rules are FlexAttention-style `mask_mod(b, h, q_idx, kv_idx) -> bool` functions.
+Indices are *physical* positions in the row (cached tokens first, then the new ones), so
+one rule serves training (no cache) and decoding (cache + new tokens) alike. The same
+mask_mod becomes a FlexAttention BlockMask (CUDA) or a dense boolean mask for SDPA (CPU).
+"""
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention, create_block_mask
+
+from configurator import UserError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 320          # rows of the embedding (padded to a multiple of 64 when tokens are added)
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4             # grouped-query attention when < n_head
+    n_embd: int = 128
+    head_dim: int = 0              # 0: n_embd // n_head
+    intermediate_size: int = 0     # 0: SwiGLU width 8/3 * n_embd rounded up to 64
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None      # Llama-3 frequency scaling parameters, or None
+    rms_norm_eps: float = 1e-5
+    qkv_bias: bool = False         # Qwen2
+    qk_norm: bool = False          # Qwen3
+    tie_word_embeddings: bool = True
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.n_embd // self.n_head
+        if not self.intermediate_size:
+            self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if self.n_head % self.n_kv_head:
+            raise UserError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+
+
+def pad_vocab(n, multiple=64):
+    return multiple * math.ceil(n / multiple)
+
+
+# ----------------------------------------------------------------------------- masks
+# Each rule returns a mask_mod over physical indices. `doc` (B, S) holds a document id per
+# token; packed examples never see each other. Written with broadcasting tensor ops so the
+# same function runs under FlexAttention's vmap and densely for SDPA.
+
+def causal_mask(doc=None):
+    def mask_mod(b, h, q_idx, kv_idx):
+        m = kv_idx <= q_idx
+        return m if doc is None else m & (doc[b, q_idx] == doc[b, kv_idx])
+    return mask_mod
+
+
+def bidirectional_mask(doc):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return doc[b, q_idx] == doc[b, kv_idx]
+    return mask_mod
+
+
+def dense_mask(mask_mod, B, T, S, device):
+    """Evaluate a mask_mod on the full (B, 1, T, S) grid: the SDPA path and the test oracle."""
+    b = torch.arange(B, device=device).view(B, 1, 1, 1)
+    q = torch.arange(T, device=device).view(1, 1, T, 1)
+    kv = torch.arange(S, device=device).view(1, 1, 1, S)
+    return mask_mod(b, torch.zeros_like(b), q, kv).expand(B, 1, T, S)
+
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask):
+    global _compiled_flex
+    if q.is_cuda:  # the fused kernel exists only compiled; eager Flex materialises scores
+        _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+# ----------------------------------------------------------------------------- layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 and cast back before the weight, exactly as HF Llama does
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg):
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    sc = cfg.rope_scaling
+    if not sc:
+        return inv_freq
+    # Llama 3.1 frequency scaling: long wavelengths slowed by `factor`, short ones kept,
+    # a smooth blend between (Meta's reference apply_scaling).
+    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old_len = sc["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(inv_freq, pos, dtype):
+    freqs = pos.float()[..., None] * inv_freq          # (B, T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)            # (B, T, D) rotate-half layout
+    return emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]  # (B, T, 1, D)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        H, Hkv, D, C = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd
+        self.n_head, self.n_kv_head, self.head_dim = H, Hkv, D
+        self.q_proj = nn.Linear(C, H * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(C, Hkv * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(C, Hkv * D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=False)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's q and k before RoPE
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+
+    def forward(self, x, rope, attend, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.write(k, v)                   # (B, Hkv, S, D): cached + new
+        y = attend(q, k, v)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, attend, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, attend, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+class LayerCache:
+    """One layer's view of the KV cache: writes new k/v at each row's own offset."""
+
+    def __init__(self, k, v, start, S):
+        self.k, self.v, self.start, self.S = k, v, start, S
+
+    def write(self, k, v):
+        B, _, T, _ = k.shape
+        rows = torch.arange(B, device=k.device)[:, None]
+        idx = self.start[:, None] + torch.arange(T, device=k.device)   # (B, T)
+        self.k[rows, :, idx] = k.transpose(1, 2)                       # (B, T, Hkv, D)
+        self.v[rows, :, idx] = v.transpose(1, 2)
+        return self.k[:, :, :self.S], self.v[:, :, :self.S]
+
+
+class KVCache:
+    """
+    Preallocated (B, Hkv, max_len, D) buffers per layer and a committed length per row.
+    A forward writes its T new tokens at [length, length + T) of each row but commits
+    nothing: the caller decides how many become part of the prefix (`commit`), so MASK
+    slots and drafts can be written, attended to, and simply overwritten next time.
+    """
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    def layers(self, T):
+        S = int((self.length + T).max())
+        if S > self.max_len:
+            raise ValueError(f"KV cache overflow: need {S} positions, have {self.max_len}")
+        return [LayerCache(k, v, self.length, S) for k, v in zip(self.k, self.v)], S
+
+    def commit(self, n):
+        """Make the first n (int or (B,) tensor) of the last forward's tokens part of the prefix."""
+        self.length = self.length + n
+
+    def rollback(self, length):
+        self.length = length.clone()
+
+
+# ----------------------------------------------------------------------------- model
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.norm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.backend = "sdpa"            # or "flex"; see set_backend
+        self.gradient_checkpointing = False
+
+    def set_backend(self, backend):
+        """Chosen once: 'flex' (BlockMask, compiled on CUDA) or 'sdpa' (dense boolean mask)."""
+        assert backend in ("flex", "sdpa"), backend
+        self.backend = backend
+        return self
+
+    @torch.no_grad()
+    def init_weights(self, seed=None):
+        """Every tensor's init in one place: N(0, 0.02) for matrices and embeddings, the output
+        projections of each residual branch scaled by 1/sqrt(2 n_layer) (GPT-2), zero biases,
+        unit norm weights."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                s = std / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=g) * s)
+        self.inv_freq.copy_(rope_inv_freq(self.config))
+
+    def _attend(self, mask_mod, B, T, S, device, start):
+        if start is not None:
+            # with a cache, query i of row b sits at physical index start[b] + i, and keys past
+            # start[b] + T are stale slots from an earlier forward: never attend to them
+            rule = mask_mod
+
+            def mask_mod(b, h, q, kv):
+                return rule(b, h, q + start[b], kv) & (kv < start[b] + T)
+        if self.backend == "flex":
+            bm = create_block_mask(mask_mod, B, None, T, S, device=device)
+            return lambda q, k, v: _flex(q, k, v, bm)
+        mask = dense_mask(mask_mod, B, T, S, device)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def forward(self, idx, pos=None, mask_mod=None, cache=None, hidden=False):
+        """
+        idx, pos: (B, T) token ids and position ids (pos defaults to the cache offset + arange).
+        mask_mod: attention rule over physical indices (default: causal).
+        cache: a KVCache; the T new tokens are written after each row's committed length.
+        Returns logits (B, T, V), or the final hidden states (B, T, C) when hidden=True.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else None
+        if pos is None:
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+            pos = pos + start[:, None] if start is not None else pos
+        layer_caches, S = cache.layers(T) if cache is not None else ([None] * len(self.layers), T)
+        attend = self._attend(mask_mod or causal_mask(), B, T, S, idx.device, start)
+        x = self.embed_tokens(idx)
+        rope = rope_tables(self.inv_freq, pos, x.dtype)
+        for layer, lc in zip(self.layers, layer_caches):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, attend, use_reentrant=False)
+            else:
+                x = layer(x, rope, attend, lc)
+        x = self.norm(x)
+        return x if hidden else self.lm_head(x)
+
+    def resize_vocab(self, n):
+        """Grow the embedding (and head) to hold n tokens, padded to a multiple of 64.
+        New rows start at the mean of the old ones, a common choice for added tokens."""
+        rows = pad_vocab(n)
+        old = self.config.vocab_size
+        if rows <= old:
+            return
+        def grow(w):
+            new = torch.empty(rows, w.shape[1], dtype=w.dtype, device=w.device)
+            new[:old] = w.data
+            new[old:] = w.data.mean(0)
+            return nn.Parameter(new)
+        self.embed_tokens.weight = grow(self.embed_tokens.weight)
+        if self.config.tie_word_embeddings:
+            self.lm_head = nn.Linear(self.config.n_embd, rows, bias=False, device=self.embed_tokens.weight.device)
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.lm_head.weight = grow(self.lm_head.weight)
+        self.lm_head.out_features = rows
+        self.config.vocab_size = rows
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+# ----------------------------------------------------------------------------- Hugging Face weights
+
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def config_from_hf(hf, path):
+    """Our ModelConfig from an HF config.json dict; refuses what this model does not implement."""
+    where = os.path.join(path, "config.json")
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED_TYPES:
+        raise UserError(f"{where}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise UserError(f"{where}: rope type {rope_type!r} is not supported (default or llama3)")
+    window = hf.get("sliding_window") if (mt == "mistral" or hf.get("use_sliding_window")) else None
+    if window and window < hf.get("max_position_embeddings", 0):
+        raise UserError(f"{where}: sliding_window={window} attention is not supported")
+    if hf.get("mlp_bias") or (mt == "llama" and hf.get("attention_bias")):
+        raise UserError(f"{where}: llama with attention_bias/mlp_bias is not supported")
+    try:
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+            n_head=hf["num_attention_heads"],
+            n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            n_embd=hf["hidden_size"], head_dim=hf.get("head_dim") or 0,
+            intermediate_size=hf["intermediate_size"],
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            rope_scaling=({k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings")}
+                          if rope_type == "llama3" else None),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            qkv_bias=(mt == "qwen2"), qk_norm=(mt == "qwen3"),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            model_type=mt)
+    except KeyError as e:
+        raise UserError(f"{where}: missing key {e.args[0]!r}") from None
+
+
+def _read_weights(path):
+    """{name: tensor} and {name: file} from model.safetensors, a sharded index, or pytorch_model.bin."""
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(single):
+        files = ["model.safetensors"]
+    elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
+        sd = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        return sd, {k: "pytorch_model.bin" for k in sd}
+    else:
+        raise UserError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    sd, origin = {}, {}
+    for name in files:
+        part = load_file(os.path.join(path, name))
+        sd.update(part)
+        origin.update({k: name for k in part})
+    return sd, origin
+
+
+def _hf_name(name):
+    return name if name.startswith("lm_head") else "model." + name
+
+
+def from_pretrained(path, device="cpu", dtype=torch.float32):
+    """Load an HF checkpoint folder (llama, qwen2, qwen3, mistral) into our Transformer."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise UserError(f"{path}: no config.json (expected a Hugging Face model folder)")
+    with open(cfg_file) as f:
+        cfg = config_from_hf(json.load(f), path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    sd, origin = _read_weights(path)
+    ours = {}
+    for name, p in model.state_dict().items():
+        key = _hf_name(name)
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if key not in sd:
+            raise UserError(f"{path}: weight {key!r} missing (model_type {cfg.model_type})")
+        if tuple(sd[key].shape) != tuple(p.shape):
+            raise UserError(f"{os.path.join(path, origin[key])}: weight {key!r} has shape "
+                            f"{tuple(sd[key].shape)}, config.json implies {tuple(p.shape)}")
+        ours[name] = sd[key].to(dtype)
+    expected = {_hf_name(n) for n in model.state_dict()} | {"lm_head.weight"}
+    extra = [k for k in sd if k not in expected and not k.endswith("rotary_emb.inv_freq")]
+    if extra:
+        raise UserError(f"{os.path.join(path, origin[extra[0]])}: unexpected weight {extra[0]!r} "
+                        f"for model_type {cfg.model_type}")
+    model.load_state_dict(ours, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg)
+    return model.to(device)
+
+
+def hf_config(cfg, bos_id=None, eos_id=None):
+    out = {"architectures": [ARCHITECTURES[cfg.model_type]], "model_type": cfg.model_type,
+           "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd,
+           "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
+           "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+           "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_position_embeddings,
+           "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "hidden_act": "silu",
+           "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": "float32",
+           "attention_bias": cfg.qkv_bias, "bos_token_id": bos_id, "eos_token_id": eos_id}
+    if cfg.rope_scaling:
+        out["rope_scaling"] = {"rope_type": "llama3", **cfg.rope_scaling}
+    if cfg.model_type == "mistral":
+        out["sliding_window"] = None
+    return out
+
+
+def save_pretrained(model, path, tokenizer_dir=None, bos_id=None, eos_id=None):
+    """Write config.json + model.safetensors (+ tokenizer files) that transformers loads unchanged."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    cfg = model.config
+    sd = {_hf_name(k): v.detach().to("cpu", torch.float32).contiguous()
+          for k, v in model.state_dict().items()
+          if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config(cfg, bos_id, eos_id), f, indent=2)
+    if tokenizer_dir:
+        for name in os.listdir(tokenizer_dir):
+            if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens")):
+                shutil.copy(os.path.join(tokenizer_dir, name), path)
+
+
+def config_to_dict(cfg):
+    return asdict(cfg)
+
+
+def config_from_dict(d):
+    names = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,351 @@
+"""
+Prompt/response rows (parquet or jsonl; strings or chat message lists) -> memory-mapped
+token shards + meta.json. Streams: parquet by row group, jsonl by line; RAM does not grow
+with the data. Every row is accounted for: kept, dropped as too long, or (on_bad_row=skip)
+skipped as malformed, each counted with its reason.
+
+    python prepare.py --input=toy --out_dir=data/toy --tokenizer=byte
+    python prepare.py config/prepare_gsm8k.py
+"""
+import json
+import os
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from configurator import UserError, configure, cli, defaults_from
+
+input = "toy"              # parquet/jsonl path(s), comma-separated; "toy" = the built-in arithmetic task
+val_input = ""             # separate validation file(s); else val_fraction of input goes to val
+out_dir = "data/toy"
+tokenizer = "byte"         # byte | gpt2 | path to a Hugging Face tokenizer/model folder
+prompt_key = "prompt"
+response_key = "target"
+system_prompt = ""         # prepended as a system message when the row has none
+max_length = 512           # rows longer than this (prompt + response + EOS) are dropped and counted
+val_fraction = 0.05
+seed = 1337
+on_bad_row = "error"       # error | skip (skip and count malformed rows)
+toy_rows = 20000           # size of the built-in toy task
+chunk_rows = 2048          # rows tokenized per batch call
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+class Tokenizer:
+    """One face for tiktoken (byte, gpt2) and Hugging Face tokenizers."""
+
+    def __init__(self, spec):
+        self.spec, self.hf, self.template = spec, None, None
+        if spec in ("byte", "gpt2"):
+            import tiktoken
+            if spec == "byte":  # 256 byte tokens + specials: no download, no merges
+                ranks, pat = {bytes([i]): i for i in range(256)}, r"\S+|\s+"
+            else:  # GPT-2 BPE from the files shipped in assets/gpt2 (identical to OpenAI's)
+                from tiktoken.load import load_tiktoken_bpe
+                ranks = load_tiktoken_bpe(os.path.join(ASSETS, "gpt2", "gpt2.tiktoken"))
+                pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+            n = len(ranks)
+            self.enc = tiktoken.Encoding(name=spec, pat_str=pat, mergeable_ranks=ranks,
+                                         special_tokens={"<|endoftext|>": n, "<|mask|>": n + 1})
+            self.eos_id, self.mask_id, self.bos_id, self.vocab_size = n, n + 1, None, n + 2
+        elif os.path.isdir(spec):
+            from transformers import AutoTokenizer
+            try:
+                self.hf = AutoTokenizer.from_pretrained(spec)
+            except Exception as e:
+                raise UserError(f"tokenizer {spec}: cannot load a Hugging Face tokenizer ({e})") from None
+            if self.hf.eos_token_id is None:
+                raise UserError(f"tokenizer {spec}: has no eos token")
+            self.template = self.hf.chat_template
+            self.eos_id, self.bos_id = self.hf.eos_token_id, self.hf.bos_token_id
+            # the tokenizer's own mask token, else a new id past the vocabulary
+            self.mask_id = self.hf.mask_token_id if self.hf.mask_token_id is not None else len(self.hf)
+            self.vocab_size = max(len(self.hf), self.mask_id + 1)
+        else:
+            raise UserError(f"unknown tokenizer {spec!r} (byte, gpt2, or a Hugging Face tokenizer folder)")
+
+    def render(self, messages):
+        """The prompt text the model sees, ending where the response begins."""
+        if self.template:
+            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:\n"
+
+    def encode_batch(self, texts, prompt=False):
+        if self.hf is None:
+            return self.enc.encode_ordinary_batch(texts)
+        # a chat template writes its own BOS; a plain prompt gets the tokenizer's specials
+        special = prompt and not self.template
+        return self.hf(texts, add_special_tokens=special)["input_ids"]
+
+    def encode(self, text, prompt=False):
+        return self.encode_batch([text], prompt)[0]
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids if int(i) != self.mask_id]
+        return self.enc.decode(ids) if self.hf is None else self.hf.decode(ids)
+
+    def save(self, path):
+        """Copy an HF tokenizer's files into `path` (tiktoken ones are rebuilt from the spec)."""
+        if self.hf is not None:
+            self.hf.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- rows
+
+def toy_task(n, seed):
+    """The embedded task: chains of 2-4 additions/subtractions of numbers below 100, with a
+    <think> trace of the intermediate results and a GSM8K-style final line."""
+    rng = random.Random(seed)
+    for i in range(n):
+        value = rng.randint(0, 99)
+        expr, steps = str(value), []
+        for _ in range(rng.randint(2, 4)):
+            b = rng.randint(0, 99)
+            op = "-" if (rng.random() < 0.5 and b <= value) else "+"
+            new = value + b if op == "+" else value - b
+            steps.append(f"{value}{op}{b}={new}")
+            expr, value = f"{expr}{op}{b}", new
+        yield i, {"prompt": f"Compute {expr}.", "target": "<think>\n" + "\n".join(steps) + f"\n</think>\n#### {value}"}
+
+
+def read_rows(path, keys, cfg):
+    """Yield (row number, row dict) from a parquet file (by row group) or jsonl (by line)."""
+    if path == "toy":
+        yield from toy_task(cfg.toy_rows, cfg.seed)
+        return
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:
+            raise UserError(f"{path}: not a readable parquet file ({e})") from None
+        missing = [k for k in keys if k not in pf.schema_arrow.names]
+        if missing:
+            raise UserError(f"{path}: missing column {missing[0]!r} (columns: {pf.schema_arrow.names})")
+        n = 0
+        for g in range(pf.num_row_groups):
+            for row in pf.read_row_group(g, columns=list(keys)).to_pylist():
+                yield n, row
+                n += 1
+    elif path.endswith((".jsonl", ".json")):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: row {n}: not valid JSON ({e})") from None
+                yield n, row
+    else:
+        raise UserError(f"{path}: expected a .parquet or .jsonl file")
+
+
+def _messages(value, what):
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise ValueError(f"{what}: expected a string or a list of {{'role': str, 'content': str}} messages, "
+                     f"got {type(value).__name__}")
+
+
+def row_texts(tok, row, pkey, rkey, system):
+    """(rendered prompt, response text) of one row; ValueError says what is wrong with it."""
+    for k in (pkey, rkey):
+        if k not in row:
+            raise ValueError(f"missing key {k!r}")
+        if row[k] is None:
+            raise ValueError(f"{k!r} is null")
+    messages = _messages(row[pkey], repr(pkey))
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    response = row[rkey]
+    if not isinstance(response, str):
+        msgs = _messages(response, repr(rkey))
+        response = "".join(m["content"] for m in msgs if m["role"] == "assistant")
+    if not response.strip():
+        raise ValueError(f"{rkey!r} is empty")
+    prompt = tok.render(messages)
+    # a template that already opens the think block: keep <think> once (seed interleaved_sft Q3)
+    if prompt.rstrip("\n").endswith("<think>") and response.lstrip().startswith("<think>"):
+        response = response.lstrip()[len("<think>"):]
+        response = response[1:] if response.startswith("\n") and prompt.endswith("\n") else response
+    return prompt, response
+
+
+# ----------------------------------------------------------------------------- shards
+
+class ShardWriter:
+    """A flat token file written through np.memmap, grown by doubling, cut to size at close."""
+
+    def __init__(self, path, dtype):
+        self.path, self.dtype, self.n, self.cap = path, dtype, 0, 1 << 16
+        self.index = []  # (start, prompt_len, length) per row
+        self._map()
+
+    def _map(self):
+        with open(self.path, "ab") as f:
+            f.truncate(self.cap * np.dtype(self.dtype).itemsize)
+        self.mm = np.memmap(self.path, dtype=self.dtype, mode="r+", shape=(self.cap,))
+
+    def add(self, prompt_ids, response_ids):
+        L = len(prompt_ids) + len(response_ids)
+        if self.n + L > self.cap:
+            self.mm.flush()
+            del self.mm
+            self.cap = max(2 * self.cap, self.n + L)
+            self._map()
+        self.mm[self.n:self.n + len(prompt_ids)] = prompt_ids
+        self.mm[self.n + len(prompt_ids):self.n + L] = response_ids
+        self.index.append((self.n, len(prompt_ids), L))
+        self.n += L
+
+    def close(self):
+        self.mm.flush()
+        del self.mm
+        with open(self.path, "r+b") as f:
+            f.truncate(self.n * np.dtype(self.dtype).itemsize)
+        idx = np.array(self.index, dtype=np.int64).reshape(-1, 3)
+        np.save(self.path[:-len(".bin")] + ".idx.npy", idx)
+        lengths = idx[:, 2]
+        return {"rows": len(idx), "tokens": int(self.n),
+                "prompt_tokens": int(idx[:, 1].sum()), "response_tokens": int((lengths - idx[:, 1]).sum()),
+                "length": {"mean": float(lengths.mean()) if len(idx) else 0.0,
+                           "max": int(lengths.max()) if len(idx) else 0}}
+
+
+def is_val(row_global, cfg):
+    """A deterministic per-row coin from (seed, row number): independent of chunking."""
+    return random.Random(cfg.seed * 1_000_003 + row_global).random() < cfg.val_fraction
+
+
+def process_chunk(tok, chunk, writers, stats, cfg):
+    """Tokenize a chunk of (split, where, prompt, response) in two batch calls and write it."""
+    p_ids = tok.encode_batch([c[2] for c in chunk], prompt=True)
+    r_ids = tok.encode_batch([c[3] for c in chunk])
+    for (split, where, _, _), p, r in zip(chunk, p_ids, r_ids):
+        if len(p) + len(r) + 1 > cfg.max_length:
+            stats[split]["dropped"]["too_long"] = stats[split]["dropped"].get("too_long", 0) + 1
+            continue
+        writers[split].add(p, r + [tok.eos_id])
+
+
+def write_shards(cfg, tok, tmp):
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    writers = {s: ShardWriter(os.path.join(tmp, f"{s}.bin"), dtype) for s in ("train", "val")}
+    stats = {s: {"dropped": {}} for s in writers}
+    sources = [(p, None) for p in cfg.input.split(",") if p] + [(p, "val") for p in cfg.val_input.split(",") if p]
+    t0, last, seen, chunk = time.time(), 0.0, 0, []
+    total_rows = sum(count_rows(p, cfg) for p, _ in sources)
+    for path, forced in sources:
+        for n, row in read_rows(path, (cfg.prompt_key, cfg.response_key), cfg):
+            split = forced or ("val" if (not cfg.val_input and is_val(seen, cfg)) else "train")
+            seen += 1
+            try:
+                prompt, response = row_texts(tok, row, cfg.prompt_key, cfg.response_key, cfg.system_prompt)
+            except ValueError as e:
+                if cfg.on_bad_row != "skip":
+                    raise UserError(f"{path}: row {n}: {e} (use --on_bad_row=skip to skip and count such rows)") from None
+                stats[split]["dropped"]["malformed"] = stats[split]["dropped"].get("malformed", 0) + 1
+                continue
+            chunk.append((split, (path, n), prompt, response))
+            if len(chunk) >= cfg.chunk_rows:
+                process_chunk(tok, chunk, writers, stats, cfg)
+                chunk = []
+            if time.time() - last > 2.0:
+                last, rate = time.time(), seen / max(time.time() - t0, 1e-9)
+                eta = f", ETA {(total_rows - seen) / rate:.0f}s" if total_rows else ""
+                print(f"\r{seen:,} rows, {rate:,.0f} rows/s{eta}", end="", file=sys.stderr)
+    process_chunk(tok, chunk, writers, stats, cfg)
+    for s, w in writers.items():
+        stats[s].update(w.close())
+    return stats, dtype, time.time() - t0
+
+
+def count_rows(path, cfg):
+    """Rows in a file when cheap to know (parquet metadata, the toy task); 0 = unknown."""
+    if path == "toy":
+        return cfg.toy_rows
+    if path.endswith(".parquet") and os.path.isfile(path):
+        import pyarrow.parquet as pq
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception:
+            return 0
+    return 0
+
+
+def check_out_dir(cfg):
+    meta = os.path.join(cfg.out_dir, "meta.json")
+    if os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
+        if not os.path.isfile(meta):
+            raise UserError(f"{cfg.out_dir} exists and is not a prepare.py output (no meta.json); refusing to overwrite")
+        with open(meta) as f:
+            old = json.load(f).get("tokenizer")
+        if old != tokenizer_spec(cfg.tokenizer):
+            raise UserError(f"{cfg.out_dir} was prepared with tokenizer {old!r}, not {cfg.tokenizer!r}; "
+                            f"choose another out_dir or delete it")
+
+
+def tokenizer_spec(spec):
+    return os.path.abspath(spec) if os.path.isdir(spec) else spec
+
+
+def prepare(cfg):
+    if cfg.on_bad_row not in ("error", "skip"):
+        raise UserError(f"on_bad_row={cfg.on_bad_row!r}: expected 'error' or 'skip'")
+    tok = Tokenizer(cfg.tokenizer)
+    for p in (cfg.input + "," + cfg.val_input).split(","):
+        if p and p != "toy" and not os.path.isfile(p):
+            raise UserError(f"{p}: file not found")
+    check_out_dir(cfg)
+    tmp = cfg.out_dir.rstrip("/") + f".tmp-{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        stats, dtype, seconds = write_shards(cfg, tok, tmp)
+        meta = {"tokenizer": tokenizer_spec(cfg.tokenizer), "vocab_size": tok.vocab_size,
+                "eos_id": tok.eos_id, "mask_id": tok.mask_id, "bos_id": tok.bos_id,
+                "dtype": np.dtype(dtype).name, "max_length": cfg.max_length,
+                "prompt_key": cfg.prompt_key, "response_key": cfg.response_key,
+                "system_prompt": cfg.system_prompt, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+                "inputs": [{"path": p, "bytes": os.path.getsize(p) if os.path.isfile(p) else None}
+                           for p in (cfg.input + "," + cfg.val_input).split(",") if p],
+                "splits": stats, "seconds": round(seconds, 2)}
+        if tok.hf is not None:
+            tok.save(os.path.join(tmp, "tokenizer"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        old = cfg.out_dir.rstrip("/") + f".old-{os.getpid()}"
+        if os.path.exists(cfg.out_dir):
+            os.rename(cfg.out_dir, old)
+        os.rename(tmp, cfg.out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def main(argv=None):
+    cfg = configure(defaults_from(globals()), argv)
+    meta = prepare(cfg)
+    print(file=sys.stderr)
+    for s, st in meta["splits"].items():
+        print(f"{s}: {st['rows']:,} rows, {st['tokens']:,} tokens, mean length {st['length']['mean']:.1f}, "
+              f"max {st['length']['max']}, dropped {st['dropped'] or 0}")
+    print(f"wrote {cfg.out_dir} in {meta['seconds']:.1f}s")
+
+
+if __name__ == "__main__":
+    cli(main)

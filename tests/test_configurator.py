@@ -1,0 +1,36 @@
+import pytest
+
+from configurator import UserError, configure
+
+DEFAULTS = {"learning_rate": 1e-3, "batch_size": 8, "compile": False, "init_from": "scratch",
+            "loss_weights": [1.0, 1.0], "rope_scaling": None}
+
+
+def test_overrides_keep_types():
+    c = configure(DEFAULTS, ["--learning_rate=1", "--batch_size=4", "--compile=True",
+                             "--init_from=out/a=b", "--loss_weights=[0.5,1]"])
+    assert c.learning_rate == 1.0 and isinstance(c.learning_rate, float)  # an int fills a float
+    assert c.batch_size == 4 and c.compile is True
+    assert c.init_from == "out/a=b"  # split on the first '='
+    assert c.loss_weights == [0.5, 1]
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(UserError, match="did you mean 'learning_rate'"):
+        configure(DEFAULTS, ["--learnig_rate=0.1"])
+
+
+def test_unknown_key_in_file(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("import math\nbatch_size = 2\nbatch_sise = 3\n")
+    with pytest.raises(UserError, match=r"c.py: unknown config key 'batch_sise'.*batch_size"):
+        configure(DEFAULTS, [str(f)])
+
+
+def test_file_then_cli_and_wrong_type(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("batch_size = 2\nlearning_rate = 3e-4\n")
+    c = configure(DEFAULTS, [str(f), "--batch_size=5"])
+    assert (c.batch_size, c.learning_rate) == (5, 3e-4)
+    with pytest.raises(UserError, match="should be int"):
+        configure(DEFAULTS, ["--batch_size=2.5"])

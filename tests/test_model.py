@@ -1,0 +1,198 @@
+"""model.py against transformers on real and random weights, masks dense vs Flex, the KV cache."""
+import json
+import os
+
+import pytest
+import torch
+from conftest import STORIES, assert_clean_error, run_script
+
+import transformers
+from generate import decode_ar, reference_ar
+from model import (KVCache, ModelConfig, Transformer, bidirectional_mask, causal_mask, dense_mask,
+                   from_pretrained, save_pretrained)
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from types import SimpleNamespace
+
+INFO = {"eos_ids": [], "vocab_size": 10 ** 9, "mask_id": 10 ** 9}
+
+
+def hf_logits(path, x):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(x).logits
+
+
+def test_stories260k_matches_transformers():
+    model = from_pretrained(STORIES).eval()
+    x = torch.randint(0, 512, (2, 101), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(x)
+    assert (ours - hf_logits(STORIES, x)).abs().max() < 1e-4
+
+
+def test_stories260k_greedy_64_tokens_identical():
+    tok = transformers.AutoTokenizer.from_pretrained(STORIES)
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    want = hf.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=None,
+                       min_new_tokens=64)[0, ids.shape[1]:].tolist()
+    model = from_pretrained(STORIES).eval()
+    c = SimpleNamespace(max_new_tokens=64, temperature=0.0, top_p=1.0)
+    got, forwards = decode_ar(model, [ids[0].tolist()], c, INFO)[0]
+    assert got == want and forwards == 64
+    assert tok.decode(got).startswith(", there was a little girl named Lily.")
+
+
+def _tiny_hf(kind, **kw):
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    common.update(kw)
+    cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+           "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[kind]
+    torch.manual_seed(0)
+    m = cls[1](cls[0](**common)).eval()
+    with torch.no_grad():  # random biases and norms so that every tensor matters
+        for n, p in m.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.normal_(0.5 if "norm" in n else 0.0, 0.1)
+    return m
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("qwen2", {"tie_word_embeddings": True}),
+    ("qwen3", {"head_dim": 16, "tie_word_embeddings": False}),
+    ("llama", {"tie_word_embeddings": False, "rope_theta": 500000.0,
+               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    ("mistral", {"sliding_window": None}),
+])
+def test_hf_families_and_export_round_trip(tmp_path, kind, kw):
+    hf = _tiny_hf(kind, **kw)
+    hf.save_pretrained(tmp_path / "hf")
+    x = torch.randint(0, 96, (2, 120), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(x).logits
+    ours = from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        assert (ours(x) - want).abs().max() < 1e-4
+    save_pretrained(ours, str(tmp_path / "ours"))
+    assert (hf_logits(str(tmp_path / "ours"), x) - want).abs().max() < 1e-4
+
+
+def _packed_doc(B, T, n_docs, seed):
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.stack([torch.randperm(T - 1, generator=g)[:n_docs - 1].sort().values + 1 for _ in range(B)])
+    doc = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        for c in cuts[b]:
+            doc[b, c:] += 1
+    return doc
+
+
+@pytest.mark.parametrize("T", [17, 64, 130])
+def test_dense_and_flex_agree(T):
+    B, H, D = 2, 4, 8
+    doc = _packed_doc(B, T, 3, T)
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
+    rules = {  # each mask function beside its definition written out as loops
+        "causal": (causal_mask(), lambda b, i, j: j <= i),
+        "causal_doc": (causal_mask(doc), lambda b, i, j: j <= i and doc[b, i] == doc[b, j]),
+        "bidirectional_doc": (bidirectional_mask(doc), lambda b, i, j: bool(doc[b, i] == doc[b, j])),
+    }
+    for name, (mm, rule) in rules.items():
+        dense = dense_mask(mm, B, T, T, "cpu")
+        want = torch.tensor([[[rule(b, i, j) for j in range(T)] for i in range(T)] for b in range(B)])
+        assert torch.equal(dense[:, 0], want), name
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        bm = create_block_mask(mm, B, None, T, T, device="cpu")
+        assert (flex_attention(q, k, v, block_mask=bm) - ref).abs().max() < 1e-5, name
+
+
+def test_model_forward_dense_vs_flex_packed():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
+    m.init_weights(0)
+    x = torch.randint(0, 64, (2, 48))
+    doc = _packed_doc(2, 48, 4, 0)
+    pos = torch.stack([torch.cat([torch.arange((d == i).sum()) for i in range(4)]) for d in doc])
+    with torch.no_grad():
+        a = m(x, pos, causal_mask(doc))
+        b = m.set_backend("flex")(x, pos, causal_mask(doc))
+    assert (a - b).abs().max() < 1e-5
+
+
+def _model():
+    m = Transformer(ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
+    m.init_weights(3)
+    return m
+
+
+@torch.no_grad()
+def test_kv_cache_equals_full_recompute():
+    m = _model()
+    x = torch.randint(0, 64, (1, 30), generator=torch.Generator().manual_seed(0))
+    full = m(x)
+    for step in (1, 4):
+        cache = KVCache(m.config, 1, 64, "cpu", torch.float32)
+        parts = [m(x[:, :10], cache=cache)]
+        cache.commit(10)
+        for s in range(10, 30, step):
+            parts.append(m(x[:, s:s + step], cache=cache))
+            cache.commit(parts[-1].shape[1])
+        assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_uncommitted_tokens_leave_no_trace():
+    m = _model()
+    x = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(1))
+    junk = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(2))
+    cache = KVCache(m.config, 1, 64, "cpu", torch.float32)
+    m(x[:, :12], cache=cache)
+    cache.commit(12)
+    m(junk, cache=cache)             # written, attended to, never committed
+    m(junk[:, :3], cache=cache)
+    got = m(x[:, 12:], cache=cache)
+    assert (got - m(x)[:, 12:]).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_batched_rows_of_different_lengths_equal_single_rows():
+    m = _model()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (3, 11, 7)]
+    c = SimpleNamespace(max_new_tokens=12, temperature=0.0, top_p=1.0)
+    batched = decode_ar(m, prompts, c, INFO)
+    for p, (ids, _) in zip(prompts, batched):
+        assert ids == decode_ar(m, [p], c, INFO)[0][0] == reference_ar(m, p, 12, INFO)
+
+
+def test_bad_checkpoints_give_one_clear_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(run_script("generate.py", f"--init_from={empty}", "--prompt=hi"), "config.json")
+    bad = tmp_path / "gpt2"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert_clean_error(run_script("generate.py", f"--init_from={bad}", "--prompt=hi"), "model_type 'gpt2'")
+    hf = _tiny_hf("llama")
+    hf.save_pretrained(tmp_path / "shape")
+    cfg = json.loads((tmp_path / "shape" / "config.json").read_text())
+    cfg["intermediate_size"] = 40
+    (tmp_path / "shape" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match=r"model.safetensors: weight 'model.layers.0.mlp.gate_proj.weight' has shape"):
+        from_pretrained(str(tmp_path / "shape"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for compiled FlexAttention")
+def test_compiled_flex_on_cuda_matches_dense_bf16():
+    m = _model().cuda().to(torch.bfloat16)
+    x = torch.randint(0, 64, (2, 256), device="cuda")
+    doc = _packed_doc(2, 256, 3, 5).cuda()
+    with torch.no_grad():
+        dense = m.set_backend("sdpa")(x, None, causal_mask(doc)).float()
+        flex = m.set_backend("flex")(x, None, causal_mask(doc)).float()
+    assert ((flex - dense).norm() / dense.norm()).item() < 1e-2
