@@ -89,7 +89,7 @@ def load(init_from, device="cpu", dtype=torch.float32):
 
 def clean_logits(logits, info):
     """Never emit the MASK token or the padding rows past the tokenizer's vocabulary."""
-    logits = logits.float()
+    logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
     logits[..., info["vocab_size"]:] = float("-inf")
     if info["mask_id"] < logits.shape[-1]:
         logits[..., info["mask_id"]] = float("-inf")
@@ -128,7 +128,7 @@ def cut_at_eos(ids, eos_ids):
 
 # ----------------------------------------------------------------------------- ar
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_ar(model, prompts, c, info, generator=None):
     """Greedy or sampled AR decoding with a static KV cache; rows of different lengths in one
     batch, each writing at its own offset. Returns [(token ids, forwards)] per prompt."""
@@ -154,7 +154,7 @@ def decode_ar(model, prompts, c, info, generator=None):
     return list(zip(out, forwards))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def reference_ar(model, prompt, max_new_tokens, info):
     """The slow, obviously-correct greedy sampler: full recompute, no cache, one row."""
     seq, eos = list(prompt), set(info["eos_ids"])

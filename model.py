@@ -98,6 +98,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # one fused op; the same arithmetic as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # normalise in fp32 and cast back before the weight, exactly as HF Llama does
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -124,13 +126,14 @@ def rope_inv_freq(cfg):
 
 def rope_tables(inv_freq, pos, dtype):
     freqs = pos.float()[..., None] * inv_freq          # (B, T, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)            # (B, T, D) rotate-half layout
-    return emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]  # (B, T, 1, D)
+    cos, sin = freqs.cos(), freqs.sin()
+    # rotate-half layout: out = x * [cos, cos] + roll(x, D/2) * [-sin, sin]
+    return torch.cat([cos, cos], -1).to(dtype)[:, :, None], torch.cat([-sin, sin], -1).to(dtype)[:, :, None]
 
 
-def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def apply_rope(x, cos, sin_signed):
+    """HF's x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = roll(x) * [-sin, sin]."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
 class Attention(nn.Module):
@@ -138,9 +141,8 @@ class Attention(nn.Module):
         super().__init__()
         H, Hkv, D, C = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd
         self.n_head, self.n_kv_head, self.head_dim = H, Hkv, D
-        self.q_proj = nn.Linear(C, H * D, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(C, Hkv * D, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(C, Hkv * D, bias=cfg.qkv_bias)
+        # q, k and v in one matmul (gpt-fast's wqkv); split back into HF's q/k/v_proj on export
+        self.qkv_proj = nn.Linear(C, (H + 2 * Hkv) * D, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(H * D, C, bias=False)
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's q and k before RoPE
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
@@ -148,9 +150,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, attend, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = self.qkv_proj(x).view(B, T, -1, self.head_dim).split(
+            [self.n_head, self.n_kv_head, self.n_kv_head], dim=2)          # (B, T, H|Hkv, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -164,12 +165,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.n_embd, 2 * cfg.intermediate_size, bias=False)  # HF gate_proj; up_proj
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -190,15 +191,12 @@ class Block(nn.Module):
 class LayerCache:
     """One layer's view of the KV cache: writes new k/v at each row's own offset."""
 
-    def __init__(self, k, v, start, S):
-        self.k, self.v, self.start, self.S = k, v, start, S
+    def __init__(self, k, v, rows, idx, S):
+        self.k, self.v, self.rows, self.idx, self.S = k, v, rows, idx, S
 
     def write(self, k, v):
-        B, _, T, _ = k.shape
-        rows = torch.arange(B, device=k.device)[:, None]
-        idx = self.start[:, None] + torch.arange(T, device=k.device)   # (B, T)
-        self.k[rows, :, idx] = k.transpose(1, 2)                       # (B, T, Hkv, D)
-        self.v[rows, :, idx] = v.transpose(1, 2)
+        self.k[self.rows, :, self.idx] = k.transpose(1, 2)   # (B, T, Hkv, D) at (row, offset + t)
+        self.v[self.rows, :, self.idx] = v.transpose(1, 2)
         return self.k[:, :, :self.S], self.v[:, :, :self.S]
 
 
@@ -221,7 +219,9 @@ class KVCache:
         S = int((self.length + T).max())
         if S > self.max_len:
             raise ValueError(f"KV cache overflow: need {S} positions, have {self.max_len}")
-        return [LayerCache(k, v, self.length, S) for k, v in zip(self.k, self.v)], S
+        rows = torch.arange(len(self.length), device=self.length.device)[:, None]
+        idx = self.length[:, None] + torch.arange(T, device=self.length.device)   # (B, T)
+        return [LayerCache(k, v, rows, idx, S) for k, v in zip(self.k, self.v)], S
 
     def commit(self, n):
         """Make the first n (int or (B,) tensor) of the last forward's tokens part of the prefix."""
@@ -398,8 +398,36 @@ def _read_weights(path):
     return sd, origin
 
 
-def _hf_name(name):
-    return name if name.startswith("lm_head") else "model." + name
+def to_hf_state(sd, cfg):
+    """Our state dict -> HF names: split the fused qkv and gate_up projections."""
+    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    out = {}
+    for name, t in sd.items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        key = name if name.startswith("lm_head") else "model." + name
+        if ".qkv_proj." in key:
+            for p, part in zip("qkv", t.split([H * D, Hkv * D, Hkv * D])):
+                out[key.replace("qkv_proj", f"{p}_proj")] = part
+        elif ".gate_up_proj." in key:
+            out[key.replace("gate_up", "gate")], out[key.replace("gate_up", "up")] = t.chunk(2)
+        else:
+            out[key] = t
+    return out
+
+
+def from_hf_state(hf, ours_names):
+    """HF state dict -> our names, fusing q/k/v and gate/up in the order to_hf_state splits them."""
+    out = {}
+    for name in ours_names:
+        key = name if name.startswith("lm_head") else "model." + name
+        if ".qkv_proj." in key:
+            out[name] = torch.cat([hf[key.replace("qkv_proj", f"{p}_proj")] for p in "qkv"])
+        elif ".gate_up_proj." in key:
+            out[name] = torch.cat([hf[key.replace("gate_up", "gate")], hf[key.replace("gate_up", "up")]])
+        elif key in hf:
+            out[name] = hf[key]
+    return out
 
 
 def from_pretrained(path, device="cpu", dtype=torch.float32):
@@ -412,22 +440,18 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     with torch.device("meta"):
         model = Transformer(cfg)
     sd, origin = _read_weights(path)
-    ours = {}
-    for name, p in model.state_dict().items():
-        key = _hf_name(name)
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
+    expected = to_hf_state(model.state_dict(), cfg)   # HF names and shapes, from meta tensors
+    for key, p in expected.items():
         if key not in sd:
             raise UserError(f"{path}: weight {key!r} missing (model_type {cfg.model_type})")
         if tuple(sd[key].shape) != tuple(p.shape):
             raise UserError(f"{os.path.join(path, origin[key])}: weight {key!r} has shape "
                             f"{tuple(sd[key].shape)}, config.json implies {tuple(p.shape)}")
-        ours[name] = sd[key].to(dtype)
-    expected = {_hf_name(n) for n in model.state_dict()} | {"lm_head.weight"}
-    extra = [k for k in sd if k not in expected and not k.endswith("rotary_emb.inv_freq")]
+    extra = [k for k in sd if k not in expected and k != "lm_head.weight" and not k.endswith("rotary_emb.inv_freq")]
     if extra:
         raise UserError(f"{os.path.join(path, origin[extra[0]])}: unexpected weight {extra[0]!r} "
                         f"for model_type {cfg.model_type}")
+    ours = {k: v.to(dtype) for k, v in from_hf_state(sd, model.state_dict()).items()}
     model.load_state_dict(ours, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -456,9 +480,8 @@ def save_pretrained(model, path, tokenizer_dir=None, bos_id=None, eos_id=None):
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     cfg = model.config
-    sd = {_hf_name(k): v.detach().to("cpu", torch.float32).contiguous()
-          for k, v in model.state_dict().items()
-          if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous()
+          for k, v in to_hf_state(model.state_dict(), cfg).items()}
     save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config(cfg, bos_id, eos_id), f, indent=2)
