@@ -186,12 +186,23 @@ def row_texts(tok, row, pkey, rkey, system):
 
 # ----------------------------------------------------------------------------- shards
 
+def _npy_header(rows):
+    """A .npy header for an (rows, 3) int64 array; its size does not depend on rows."""
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<i8", "fortran_order": False, "shape": (rows, 3)})
+    return buf.getvalue()
+
+
 class ShardWriter:
-    """A flat token file written through np.memmap, grown by doubling, cut to size at close."""
+    """A flat token file written through np.memmap (grown by doubling, cut to size at close)
+    and its (start, prompt_len, length) index, appended to the .npy as it grows: flat memory."""
 
     def __init__(self, path, dtype):
         self.path, self.dtype, self.n, self.cap = path, dtype, 0, 1 << 16
-        self.index = []  # (start, prompt_len, length) per row
+        self.rows, self.pending, self.prompt_tokens, self.max_len = 0, [], 0, 0
+        self.idx = open(path[:-len(".bin")] + ".idx.npy", "wb")
+        self.idx.write(_npy_header(10 ** 15))  # rewritten with the real row count at close
         self._map()
 
     def _map(self):
@@ -199,30 +210,43 @@ class ShardWriter:
             f.truncate(self.cap * np.dtype(self.dtype).itemsize)
         self.mm = np.memmap(self.path, dtype=self.dtype, mode="r+", shape=(self.cap,))
 
+    def _remap(self, cap):
+        self.mm.flush()
+        del self.mm  # unmapping also releases the written pages from our RSS
+        self.cap = cap
+        self._map()
+
     def add(self, prompt_ids, response_ids):
         L = len(prompt_ids) + len(response_ids)
         if self.n + L > self.cap:
-            self.mm.flush()
-            del self.mm
-            self.cap = max(2 * self.cap, self.n + L)
-            self._map()
+            self._remap(max(2 * self.cap, self.n + L))
         self.mm[self.n:self.n + len(prompt_ids)] = prompt_ids
         self.mm[self.n + len(prompt_ids):self.n + L] = response_ids
-        self.index.append((self.n, len(prompt_ids), L))
-        self.n += L
+        self.pending.append((self.n, len(prompt_ids), L))
+        self.n, self.rows = self.n + L, self.rows + 1
+        if len(self.pending) >= 1 << 16:
+            self._spill()
+            self._remap(self.cap)
+
+    def _spill(self):
+        part = np.array(self.pending, dtype=np.int64).reshape(-1, 3)
+        part.tofile(self.idx)
+        self.prompt_tokens += int(part[:, 1].sum())
+        self.max_len = max(self.max_len, int(part[:, 2].max(initial=0)))
+        self.pending = []
 
     def close(self):
         self.mm.flush()
         del self.mm
         with open(self.path, "r+b") as f:
             f.truncate(self.n * np.dtype(self.dtype).itemsize)
-        idx = np.array(self.index, dtype=np.int64).reshape(-1, 3)
-        np.save(self.path[:-len(".bin")] + ".idx.npy", idx)
-        lengths = idx[:, 2]
-        return {"rows": len(idx), "tokens": int(self.n),
-                "prompt_tokens": int(idx[:, 1].sum()), "response_tokens": int((lengths - idx[:, 1]).sum()),
-                "length": {"mean": float(lengths.mean()) if len(idx) else 0.0,
-                           "max": int(lengths.max()) if len(idx) else 0}}
+        self._spill()
+        self.idx.seek(0)
+        self.idx.write(_npy_header(self.rows))
+        self.idx.close()
+        return {"rows": self.rows, "tokens": int(self.n), "prompt_tokens": self.prompt_tokens,
+                "response_tokens": int(self.n) - self.prompt_tokens,
+                "length": {"mean": self.n / max(self.rows, 1), "max": self.max_len}}
 
 
 def is_val(row_global, cfg):
@@ -246,7 +270,8 @@ def write_shards(cfg, tok, tmp):
     writers = {s: ShardWriter(os.path.join(tmp, f"{s}.bin"), dtype) for s in ("train", "val")}
     stats = {s: {"dropped": {}} for s in writers}
     sources = [(p, None) for p in cfg.input.split(",") if p] + [(p, "val") for p in cfg.val_input.split(",") if p]
-    t0, last, seen, chunk = time.time(), 0.0, 0, []
+    t0, seen, chunk = time.time(), 0, []
+    last = t0  # the first progress line after 2 s: small inputs print none
     total_rows = sum(count_rows(p, cfg) for p, _ in sources)
     for path, forced in sources:
         for n, row in read_rows(path, (cfg.prompt_key, cfg.response_key), cfg):
@@ -270,6 +295,9 @@ def write_shards(cfg, tok, tmp):
     process_chunk(tok, chunk, writers, stats, cfg)
     for s, w in writers.items():
         stats[s].update(w.close())
+    if stats["train"]["rows"] == 0:
+        raise UserError(f"no training rows left from {seen} read (dropped: {stats['train']['dropped']}, "
+                        f"max_length={cfg.max_length})")
     return stats, dtype, time.time() - t0
 
 
