@@ -284,12 +284,14 @@ class Transformer(nn.Module):
         mask = dense_mask(mask_mod, B, T, S, device)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
-    def forward(self, idx, pos=None, mask_mod=None, cache=None, hidden=False):
+    def forward(self, idx, pos=None, mask_mod=None, cache=None, select=None):
         """
         idx, pos: (B, T) token ids and position ids (pos defaults to the cache offset + arange).
         mask_mod: attention rule over physical indices (default: causal).
         cache: a KVCache; the T new tokens are written after each row's committed length.
-        Returns logits (B, T, V), or the final hidden states (B, T, C) when hidden=True.
+        select: optional (B, T) bool; the head then runs only there and logits are (N, V),
+        which is what training needs (the head is most of the FLOPs of a small model).
+        Returns logits (B, T, V).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else None
@@ -306,7 +308,7 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, rope, attend, lc)
         x = self.norm(x)
-        return x if hidden else self.lm_head(x)
+        return self.lm_head(x if select is None else x[select])
 
     def resize_vocab(self, n):
         """Grow the embedding (and head) to hold n tokens, padded to a multiple of 64.
@@ -475,13 +477,14 @@ def hf_config(cfg, bos_id=None, eos_id=None):
     return out
 
 
-def save_pretrained(model, path, tokenizer_dir=None, bos_id=None, eos_id=None):
-    """Write config.json + model.safetensors (+ tokenizer files) that transformers loads unchanged."""
+def save_pretrained(model, path, tokenizer_dir=None, bos_id=None, eos_id=None, state_dict=None):
+    """Write config.json + model.safetensors (+ tokenizer files) that transformers loads unchanged.
+    `state_dict` (a full one gathered from a sharded model) replaces model.state_dict()."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     cfg = model.config
     sd = {k: v.detach().to("cpu", torch.float32).contiguous()
-          for k, v in to_hf_state(model.state_dict(), cfg).items()}
+          for k, v in to_hf_state(state_dict or model.state_dict(), cfg).items()}
     save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config(cfg, bos_id, eos_id), f, indent=2)

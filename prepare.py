@@ -99,14 +99,15 @@ class Tokenizer:
 # ----------------------------------------------------------------------------- rows
 
 def toy_task(n, seed):
-    """The embedded task: chains of 2-4 additions/subtractions of numbers below 100, with a
-    <think> trace of the intermediate results and a GSM8K-style final line."""
+    """The embedded task: a number below 20, then 3-5 additions/subtractions of a digit, with a
+    <think> trace of the running total and a GSM8K-style final line (small enough that a
+    0.9M-parameter model learns it on a laptop CPU in minutes)."""
     rng = random.Random(seed)
     for i in range(n):
-        value = rng.randint(0, 99)
+        value = rng.randint(0, 19)
         expr, steps = str(value), []
-        for _ in range(rng.randint(2, 4)):
-            b = rng.randint(0, 99)
+        for _ in range(rng.randint(3, 5)):
+            b = rng.randint(1, 9)
             op = "-" if (rng.random() < 0.5 and b <= value) else "+"
             new = value + b if op == "+" else value - b
             steps.append(f"{value}{op}{b}={new}")
@@ -254,21 +255,25 @@ def is_val(row_global, cfg):
     return random.Random(cfg.seed * 1_000_003 + row_global).random() < cfg.val_fraction
 
 
-def process_chunk(tok, chunk, writers, stats, cfg):
-    """Tokenize a chunk of (split, where, prompt, response) in two batch calls and write it."""
+def process_chunk(tok, chunk, writers, stats, cfg, val_rows):
+    """Tokenize a chunk of (split, row, prompt, response) in two batch calls and write it;
+    kept validation rows also go to val.jsonl, for generate.py --data to score."""
     p_ids = tok.encode_batch([c[2] for c in chunk], prompt=True)
     r_ids = tok.encode_batch([c[3] for c in chunk])
-    for (split, where, _, _), p, r in zip(chunk, p_ids, r_ids):
+    for (split, row, _, _), p, r in zip(chunk, p_ids, r_ids):
         if len(p) + len(r) + 1 > cfg.max_length:
             stats[split]["dropped"]["too_long"] = stats[split]["dropped"].get("too_long", 0) + 1
             continue
         writers[split].add(p, r + [tok.eos_id])
+        if split == "val":
+            val_rows.write(json.dumps({k: row[k] for k in (cfg.prompt_key, cfg.response_key)}) + "\n")
 
 
 def write_shards(cfg, tok, tmp):
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     writers = {s: ShardWriter(os.path.join(tmp, f"{s}.bin"), dtype) for s in ("train", "val")}
     stats = {s: {"dropped": {}} for s in writers}
+    val_rows = open(os.path.join(tmp, "val.jsonl"), "w")
     sources = [(p, None) for p in cfg.input.split(",") if p] + [(p, "val") for p in cfg.val_input.split(",") if p]
     t0, seen, chunk = time.time(), 0, []
     last = t0  # the first progress line after 2 s: small inputs print none
@@ -284,15 +289,16 @@ def write_shards(cfg, tok, tmp):
                     raise UserError(f"{path}: row {n}: {e} (use --on_bad_row=skip to skip and count such rows)") from None
                 stats[split]["dropped"]["malformed"] = stats[split]["dropped"].get("malformed", 0) + 1
                 continue
-            chunk.append((split, (path, n), prompt, response))
+            chunk.append((split, row, prompt, response))
             if len(chunk) >= cfg.chunk_rows:
-                process_chunk(tok, chunk, writers, stats, cfg)
+                process_chunk(tok, chunk, writers, stats, cfg, val_rows)
                 chunk = []
             if time.time() - last > 2.0:
                 last, rate = time.time(), seen / max(time.time() - t0, 1e-9)
                 eta = f", ETA {(total_rows - seen) / rate:.0f}s" if total_rows else ""
                 print(f"\r{seen:,} rows, {rate:,.0f} rows/s{eta}", end="", file=sys.stderr)
-    process_chunk(tok, chunk, writers, stats, cfg)
+    process_chunk(tok, chunk, writers, stats, cfg, val_rows)
+    val_rows.close()
     for s, w in writers.items():
         stats[s].update(w.close())
     if stats["train"]["rows"] == 0:

@@ -1,0 +1,568 @@
+"""
+One plain training loop; the objective is chosen by `mode`. Single process, or DDP / FSDP2
+under torchrun. Each mode adds one layout function (how an example is laid out in a row)
+and one loss function; the loop, packing, checkpoints and logging are shared.
+
+    python train.py config/toy.py
+    torchrun --standalone --nproc_per_node=8 train.py config/gsm8k.py --parallel=fsdp
+"""
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from configurator import UserError, configure, cli, defaults_from, print_config
+from model import ModelConfig, Transformer, causal_mask, from_pretrained, pad_vocab, save_pretrained
+from prepare import Tokenizer
+
+# I/O
+data_dir = "data/toy"         # output of prepare.py
+out_dir = "out/toy"
+init_from = "scratch"         # scratch | resume | path to a Hugging Face model folder
+mode = "sft"                  # sft | refine | interleaved | diffusion
+# model size (scratch)
+n_layer = 4
+n_head = 4
+n_kv_head = 4
+n_embd = 128
+# data
+max_length = 256              # tokens per row (after the mode's layout: slots, pads)
+pack = True                   # several examples per row; pack=False pads one per row
+batch_size = 16               # rows per micro-batch (per rank)
+gradient_accumulation_steps = 1   # global; divided by the world size
+# optimisation
+max_iters = 1000              # 0: run `epochs` epochs
+epochs = 0
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 50
+lr_decay_iters = 0            # 0: max_iters
+decay_lr = True
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# evaluation, logging, checkpoints
+eval_interval = 250
+eval_iters = 10
+log_interval = 10
+save_interval = 500
+keep_last = 2
+export_hf = False             # also write out_dir/hf, a folder transformers loads
+wandb_log = False
+wandb_project = "pdlm"
+wandb_run_name = ""
+# system
+device = "cpu"
+compile = False
+gradient_checkpointing = False
+parallel = "ddp"              # ddp | fsdp (under torchrun)
+seed = 1337
+
+PAD_SEED = 0x5EED  # a fixed stream for validation noise, so val losses compare across steps
+
+
+# ----------------------------------------------------------------------------- data
+
+class Shards:
+    """A split from prepare.py, memory-mapped: memory does not grow with the data set."""
+
+    def __init__(self, data_dir, split):
+        base = os.path.join(data_dir, split)
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            self.meta = json.load(f)
+        self.tokens = np.memmap(base + ".bin", dtype=self.meta["dtype"], mode="r")
+        self.index = np.load(base + ".idx.npy", mmap_mode="r")
+
+    def __len__(self):
+        return len(self.index)
+
+    def example(self, i):
+        start, plen, length = self.index[i]
+        return np.asarray(self.tokens[start:start + length], dtype=np.int64), int(plen)
+
+
+def pack_rows(lengths, max_length, pack, rng, window=256):
+    """Rows of example ids for one epoch, in a shuffled order. Packing is best-fit over a
+    window of open rows (lowest waste), so the padding left is a few percent."""
+    order = rng.permutation(len(lengths))
+    if not pack:
+        return [[int(i)] for i in order]
+    rows, free, open_rows = [], [], []   # free: sorted remaining capacities, aligned with open_rows
+    import bisect
+    for i in order:
+        L = int(lengths[i])
+        j = bisect.bisect_left(free, L)
+        if j == len(free):
+            if len(open_rows) >= window:   # close the fullest row to bound the window
+                rows.append(open_rows.pop(0))
+                free.pop(0)
+            j = bisect.bisect_left(free, max_length - L)
+            free.insert(j, max_length - L)
+            open_rows.insert(j, [int(i)])
+        else:
+            row, cap = open_rows.pop(j), free.pop(j) - L
+            row.append(int(i))
+            k = bisect.bisect_left(free, cap)
+            free.insert(k, cap)
+            open_rows.insert(k, row)
+    rows += open_rows
+    return [rows[i] for i in rng.permutation(len(rows))]   # spread the last, emptier rows out
+
+
+def collate(layouts, T, pad_id):
+    """Concatenate per-example layouts into rows of T: document ids keep examples apart,
+    padding fills the rest (its own document, never supervised)."""
+    B = len(layouts)
+    keys = layouts[0][0].keys()
+    out = {k: np.zeros((B, T), dtype=layouts[0][0][k].dtype) for k in keys}
+    out["idx"][:] = pad_id
+    out["tgt"][:] = -100
+    out["doc"] = np.full((B, T), -1, dtype=np.int64)
+    for r, row in enumerate(layouts):
+        t = 0
+        for d, lay in enumerate(row):
+            n = len(lay["idx"])
+            for k in keys:
+                out[k][r, t:t + n] = lay[k]
+            out["doc"][r, t:t + n] = d
+            t += n
+    return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+class Batches:
+    """The deterministic stream of micro-batches: epoch e's rows come from seed + e, and step
+    s uses a fixed slice of them, so the position is a function of the step (exact resume)."""
+
+    def __init__(self, shards, c, world, rank):
+        self.shards, self.c, self.world, self.rank = shards, c, world, rank
+        self.lengths = np.array([MODES[c.mode]["length"](int(p), int(l), c) for _, p, l in shards.index])
+        too_long = int((self.lengths > c.max_length).sum())
+        if too_long:
+            raise UserError(f"{too_long} examples need more than max_length={c.max_length} tokens in mode "
+                            f"{c.mode} (longest {self.lengths.max()}); raise max_length or re-run prepare.py")
+        self.per_step = c.batch_size * c.grad_accum * world   # rows per optimizer step
+        self.epoch, self.rows = -1, []
+
+    def rows_for_epoch(self, e):
+        if self.epoch != e:
+            rng = np.random.default_rng([self.c.seed, e])
+            self.epoch, self.rows = e, pack_rows(self.lengths, self.c.max_length, self.c.pack, rng)
+            if len(self.rows) < self.per_step:
+                raise UserError(f"one optimizer step needs {self.per_step} rows, an epoch has {len(self.rows)}: "
+                                f"lower batch_size or gradient_accumulation_steps")
+        return self.rows
+
+    def steps_per_epoch(self):
+        return len(self.rows_for_epoch(0)) // self.per_step   # the remainder is reshuffled next epoch
+
+    def step(self, step):
+        """This rank's micro-batches for optimizer step `step`: [(global micro index, rows)]."""
+        spe = self.steps_per_epoch()
+        rows = self.rows_for_epoch(step // spe)
+        start = (step % spe) * self.per_step
+        out = []
+        for m in range(self.c.grad_accum * self.world):
+            if m % self.world == self.rank:
+                out.append((m, rows[start + m * self.c.batch_size:start + (m + 1) * self.c.batch_size]))
+        return out
+
+    def build(self, rows):
+        c = self.c
+        layouts = [[MODES[c.mode]["layout"](*self.shards.example(i), c) for i in row] for row in rows]
+        T = c.max_length if c.pack else max(sum(len(l["idx"]) for l in row) for row in layouts)
+        return collate(layouts, T, c.eos_id)
+
+
+# ----------------------------------------------------------------------------- modes
+
+def sft_length(plen, length, c):
+    return length
+
+
+def sft_layout(tokens, plen, c):
+    """Next-token targets on the response only: position i predicts token i+1."""
+    tgt = np.full(len(tokens), -100, dtype=np.int64)
+    tgt[plen - 1:-1] = tokens[plen:]
+    return {"idx": tokens, "pos": np.arange(len(tokens)), "tgt": tgt}
+
+
+def ce_sum(logits, targets):
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def sft_loss(model, b, c, gen, norm, backward):
+    sel = b["tgt"] >= 0
+    loss = ce_sum(model(b["idx"], b["pos"], causal_mask(b["doc"]), select=sel), b["tgt"][sel])
+    backward(loss / norm["tgt"], final=True)
+    return {"loss": loss.item() / norm["tgt"]}
+
+
+def count_targets(b):
+    return {"tgt": int((b["tgt"] >= 0).sum())}
+
+
+MODES = {"sft": {"length": sft_length, "layout": sft_layout, "loss": sft_loss, "counts": count_targets}}
+
+
+# ----------------------------------------------------------------------------- setup
+
+def setup_distributed(c):
+    """(world, rank, local_rank); under torchrun a process group on gloo (CPU) or nccl (CUDA)."""
+    if "RANK" not in os.environ:
+        return 1, 0, 0
+    import torch.distributed as dist
+    backend = "nccl" if c.device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    local = int(os.environ["LOCAL_RANK"])
+    if c.device.startswith("cuda"):
+        c.device = f"cuda:{local}"
+        torch.cuda.set_device(c.device)
+    return dist.get_world_size(), dist.get_rank(), local
+
+
+def all_reduce(t):
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def latest_checkpoint(out_dir):
+    ckpts = sorted(d for d in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+", d)) if os.path.isdir(out_dir) else []
+    return os.path.join(out_dir, ckpts[-1]) if ckpts else None
+
+
+def build_model(c, meta):
+    """The model and the step to start from. Every path yields full weights on each rank."""
+    if c.init_from == "scratch":
+        cfg = ModelConfig(vocab_size=pad_vocab(meta["vocab_size"]), n_layer=c.n_layer, n_head=c.n_head,
+                          n_kv_head=c.n_kv_head, n_embd=c.n_embd, max_position_embeddings=c.max_length)
+        model = Transformer(cfg)
+        model.init_weights(c.seed)
+        return model
+    path = latest_checkpoint(c.out_dir) if c.init_from == "resume" else c.init_from
+    if path is None:
+        raise UserError(f"init_from=resume: no checkpoint in {c.out_dir}")
+    if not os.path.isdir(path):
+        raise UserError(f"init_from={path}: no such folder")
+    info_file = os.path.join(path, "info.json")
+    if c.init_from != "resume" and not os.path.isfile(info_file):
+        hf_tok = os.path.abspath(path)
+        if meta["tokenizer"] not in (hf_tok, os.path.join(hf_tok, "")):
+            raise UserError(f"{c.data_dir} was prepared with tokenizer {meta['tokenizer']!r}, but {path} "
+                            f"uses its own; re-run prepare.py with --tokenizer={path}")
+    model = from_pretrained(path)
+    if meta["vocab_size"] > model.config.vocab_size:   # the MASK token, added past the vocabulary
+        model.resize_vocab(meta["vocab_size"])
+    return model
+
+
+def check_compatible(c, meta, model):
+    if c.max_length > model.config.max_position_embeddings:
+        raise UserError(f"max_length={c.max_length} is beyond the model's {model.config.max_position_embeddings} positions")
+    if meta["vocab_size"] > model.config.vocab_size:
+        raise UserError(f"{c.data_dir}: vocab_size {meta['vocab_size']} does not fit the model's {model.config.vocab_size}")
+
+
+def wrap(model, c, world):
+    """DDP or FSDP2 (each block, then the root) under torchrun; compile last."""
+    if world > 1 and c.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None)
+    return torch.compile(model) if c.compile else model
+
+
+def make_optimizer(model, c):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2),
+                             fused=c.device.startswith("cuda"))
+
+
+def get_lr(it, c):
+    """Linear warmup, then cosine decay to min_lr (nanoGPT)."""
+    decay_iters = c.lr_decay_iters or c.max_iters
+    if not c.decay_lr:
+        return c.learning_rate
+    if it < c.warmup_iters:
+        return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
+    if it >= decay_iters:
+        return c.min_lr
+    ratio = (it - c.warmup_iters) / max(decay_iters - c.warmup_iters, 1)
+    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def full_state(model, opt):
+    """Full (unsharded) model and optimizer state, FQN-keyed; collective under FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, opt, options=opts)
+
+
+def save_checkpoint(c, raw, model, opt, step, rank, tok, info):
+    msd, osd = full_state(model, opt)
+    if rank != 0:
+        return
+    final = os.path.join(c.out_dir, f"ckpt_{step:07d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(raw, tmp, bos_id=info["bos_id"], eos_id=info["eos_id"], state_dict=msd)
+    tok.save(os.path.join(tmp, "tokenizer"))
+    with open(os.path.join(tmp, "info.json"), "w") as f:
+        json.dump({**info, "step": step}, f, indent=2)
+    torch.save({"optimizer": osd, "step": step, "rng": torch.get_rng_state(), "config": vars(c)},
+               os.path.join(tmp, "train_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)   # a checkpoint exists whole or not at all
+    ckpts = sorted(d for d in os.listdir(c.out_dir) if re.fullmatch(r"ckpt_\d+", d))
+    for old in ckpts[:-max(c.keep_last, 1)]:
+        shutil.rmtree(os.path.join(c.out_dir, old))
+    if c.export_hf:
+        hf = os.path.join(c.out_dir, "hf")
+        shutil.rmtree(hf, ignore_errors=True)
+        shutil.copytree(final, hf, ignore=shutil.ignore_patterns("train_state.pt", "info.json", "tokenizer"))
+        tok.save(hf)
+
+
+def load_optimizer(model, opt, path):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    st = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(model, opt, st["optimizer"], options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(st["rng"])
+    return st["step"]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def make_backward(model, c, world, is_last_micro):
+    """backward(loss, final): gradients sync across ranks only on the step's very last backward."""
+    def backward(loss, final):
+        sync = is_last_micro and final
+        if world > 1 and c.parallel == "fsdp":
+            model.set_requires_gradient_sync(sync)
+            loss.backward()
+        elif world > 1 and not sync:
+            with model.no_sync():
+                loss.backward()
+        else:
+            loss.backward()
+    return backward
+
+
+def global_counts(batches, c):
+    counts = {}
+    for b in batches:
+        for k, v in MODES[c.mode]["counts"](b).items():
+            counts[k] = counts.get(k, 0) + v
+    keys = sorted(counts)
+    t = all_reduce(torch.tensor([counts[k] for k in keys], dtype=torch.float64))
+    return {k: max(v, 1.0) for k, v in zip(keys, t.tolist())}
+
+
+def to_device(b, device):
+    return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+
+def train_step(model, batches, c, world, step, autocast):
+    """One optimizer step's forward/backward over this rank's micro-batches. Losses are sums
+    divided by the global count of supervised tokens, times the world size (DDP and FSDP
+    average gradients), so accumulation and data parallelism never reweight examples."""
+    norm = {k: v / world for k, v in global_counts([b for _, b in batches], c).items()}
+    metrics = {}
+    for j, (m, b) in enumerate(batches):
+        gen = torch.Generator().manual_seed(c.seed * 1_000_003 + step * 4099 + m)
+        with autocast:
+            out = MODES[c.mode]["loss"](model, to_device(b, c.device), c, gen, norm,
+                                        make_backward(model, c, world, j == len(batches) - 1))
+        for k, v in out.items():
+            metrics[k] = metrics.get(k, 0.0) + v / world
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model, val, c, world, rank, autocast):
+    """Validation loss over the first eval_iters micro-batches of val (fixed noise)."""
+    model.eval()
+    rows = pack_rows(val.lengths, c.max_length, c.pack, np.random.default_rng(PAD_SEED))
+    n = min(c.eval_iters * world, len(rows) // c.batch_size)
+    total = {}
+    for m in range(rank, n, world):
+        b = val.build(rows[m * c.batch_size:(m + 1) * c.batch_size])
+        norm = {k: float(v) for k, v in MODES[c.mode]["counts"](b).items()}
+        with autocast:
+            out = MODES[c.mode]["loss"](model, to_device(b, c.device), c,
+                                        torch.Generator().manual_seed(PAD_SEED + m), norm, lambda l, final: None)
+        for k, v in out.items():
+            total[k] = total.get(k, 0.0) + v
+    keys = sorted(total) or ["loss"]
+    t = all_reduce(torch.tensor([total.get(k, 0.0) for k in keys] + [float(len(range(rank, n, world)))]))
+    model.train()
+    return {k: v / max(t[-1].item(), 1) for k, v in zip(keys, t[:-1].tolist())}
+
+
+def environment():
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        sha = ""
+    import transformers
+    return {"git": sha or "unknown", "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+def load_data(c):
+    if not os.path.isfile(os.path.join(c.data_dir, "meta.json")):
+        raise UserError(f"data_dir={c.data_dir}: no meta.json (run prepare.py first)")
+    return Shards(c.data_dir, "train"), Shards(c.data_dir, "val")
+
+
+def resolve(c, world):
+    if c.mode not in MODES:
+        raise UserError(f"unknown mode {c.mode!r} (one of {', '.join(MODES)})")
+    if c.parallel not in ("ddp", "fsdp"):
+        raise UserError(f"parallel={c.parallel!r}: expected ddp or fsdp")
+    if c.gradient_accumulation_steps % world:
+        raise UserError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} is not a multiple of the world size {world}")
+    c.grad_accum = c.gradient_accumulation_steps // world
+
+
+def train(c):
+    world, rank, _ = setup_distributed(c)
+    resolve(c, world)
+    train_data, val_data = load_data(c)
+    meta = train_data.meta
+    if c.init_from == "resume":
+        ck = latest_checkpoint(c.out_dir)
+        if ck and json.load(open(os.path.join(ck, "info.json")))["tokenizer_spec"] != meta["tokenizer"]:
+            raise UserError(f"{c.data_dir} was prepared with tokenizer {meta['tokenizer']!r}, "
+                            f"but the checkpoint in {c.out_dir} was not")
+    c.eos_id, c.mask_id = meta["eos_id"], meta["mask_id"]
+    tok = Tokenizer(meta["tokenizer"] if meta["tokenizer"] in ("byte", "gpt2") else os.path.join(c.data_dir, "tokenizer"))
+    torch.manual_seed(c.seed)
+    raw = build_model(c, meta)
+    check_compatible(c, meta, raw)
+    raw.gradient_checkpointing = c.gradient_checkpointing
+    raw.set_backend("flex" if c.device.startswith("cuda") else "sdpa")
+    raw.to(c.device)
+    model = wrap(raw, c, world)
+    opt = make_optimizer(model, c)
+    step = load_optimizer(model, opt, latest_checkpoint(c.out_dir)) if c.init_from == "resume" else 0
+    train_b, val_b = Batches(train_data, c, world, rank), Batches(val_data, c, 1, 0)
+    if not c.max_iters:
+        c.max_iters = max(c.epochs, 1) * train_b.steps_per_epoch()
+    info = {"mode": c.mode, "block_size": getattr(c, "block_size", 0), "tokenizer": "tokenizer" if tok.hf else tok.spec,
+            "tokenizer_spec": meta["tokenizer"], "eos_id": meta["eos_id"], "bos_id": meta["bos_id"],
+            "eos_ids": sorted({meta["eos_id"]}), "mask_id": meta["mask_id"], "vocab_size": meta["vocab_size"],
+            "system_prompt": meta.get("system_prompt", ""), "prompt_key": meta["prompt_key"],
+            "response_key": meta["response_key"], **MODES[c.mode].get("info", lambda c: {})(c)}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if c.device.startswith("cuda") else nullcontext()
+    logger = Logger(c, rank, world, train_b, step)
+    if rank == 0:
+        os.makedirs(c.out_dir, exist_ok=True)
+        print(f"{raw.num_params():,} parameters, {len(train_data):,} train / {len(val_data):,} val examples, "
+              f"{train_b.steps_per_epoch()} steps per epoch", flush=True)
+    model.train()
+    while step < c.max_iters:
+        lr = get_lr(step, c)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if c.eval_interval and step % c.eval_interval == 0 and len(val_data):
+            logger.eval(step, evaluate(model, val_b, c, world, rank, autocast))
+        t0 = time.time()
+        batches = [(m, train_b.build(rows)) for m, rows in train_b.step(step)]
+        metrics = train_step(model, batches, c, world, step, autocast)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        logger.step(step, metrics, lr, float(gnorm), batches, time.time() - t0)
+        if step % c.save_interval == 0 or step == c.max_iters:
+            save_checkpoint(c, raw, model, opt, step, rank, tok, info)
+    if c.eval_interval and len(val_data):
+        logger.eval(step, evaluate(model, val_b, c, world, rank, autocast))
+    logger.finish()
+    return raw
+
+
+class Logger:
+    """Console line per log_interval, validation lines, wandb when asked (rank 0 only)."""
+
+    def __init__(self, c, rank, world, train_b, step):
+        self.c, self.rank, self.world, self.start, self.acc = c, rank, world, step, {}
+        self.t_start, self.history = time.time(), []
+        self.wandb = None
+        if c.wandb_log and rank == 0:
+            import wandb
+            self.wandb = wandb.init(project=c.wandb_project, name=c.wandb_run_name or None, config=vars(c),
+                                    dir=c.out_dir)
+
+    def step(self, step, metrics, lr, gnorm, batches, dt):
+        tokens = sum(int((b["doc"] >= 0).sum()) for _, b in batches)
+        slots = sum(b["doc"].numel() for _, b in batches)
+        sup = sum(sum(MODES[self.c.mode]["counts"](b).values()) for _, b in batches)
+        t = all_reduce(torch.tensor([float(tokens), float(slots), float(sup)] +
+                                    [metrics[k] for k in sorted(metrics)], dtype=torch.float64)).tolist()
+        m = dict(zip(sorted(metrics), t[3:]))
+        self.history.append({"step": step, **m})
+        if self.rank != 0:
+            return
+        rec = {**m, "lr": lr, "grad_norm": gnorm, "tokens_per_s": t[0] / dt,
+               "supervised": t[2], "padding": 1 - t[0] / t[1]}
+        with open(os.path.join(self.c.out_dir, "log.jsonl"), "a") as f:   # full precision, for scripts
+            f.write(json.dumps({"step": step, **rec}) + "\n")
+        if self.wandb:
+            self.wandb.log(rec, step=step)
+        if step % self.c.log_interval == 0 or step == self.c.max_iters:
+            el = time.time() - self.t_start
+            eta = el / (step - self.start) * (self.c.max_iters - step)
+            extra = " ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "loss")
+            print(f"step {step}/{self.c.max_iters} | loss {m.get('loss', 0):.4f} | lr {lr:.2e} | grad {gnorm:.3f} | "
+                  f"{rec['tokens_per_s']:,.0f} tok/s | sup {int(t[2])} | pad {100 * rec['padding']:.1f}% | "
+                  f"ETA {eta:.0f}s" + (f" | {extra}" if extra else ""), flush=True)
+
+    def eval(self, step, metrics):
+        if self.rank == 0:
+            print(f"step {step} | val " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+            if self.wandb:
+                self.wandb.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+
+    def finish(self):
+        if self.wandb:
+            self.wandb.finish()
+
+
+def main(argv=None):
+    c = configure(defaults_from(globals()), argv)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("config:")
+        print_config(c)
+        print("environment:", json.dumps(environment()), flush=True)
+    try:
+        train(c)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()   # with gloo, tearing down without it can abort a peer
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli(main)
