@@ -1,0 +1,60 @@
+"""generate.py: scoring, the command-line contract, AR against the slow reference."""
+import json
+
+import pytest
+import torch
+from conftest import assert_clean_error, run_script
+
+from generate import extract_answer, is_correct, sample
+
+
+@pytest.mark.parametrize("text,want", [
+    ("so 3+4=7\n#### 1,234", "1,234"),
+    ("the area is \\boxed{\\frac{1}{2}} units", "\\frac{1}{2}"),
+    ("first 12 then 7.5 apples", "7.5"),
+    ("no answer here", None),
+])
+def test_extract_answer(text, want):
+    assert extract_answer(text) == want
+
+
+def test_is_correct_normalizes_numbers():
+    assert is_correct("#### 1,234", "steps...\n#### 1234")
+    assert is_correct("answer \\boxed{42.0}", "#### 42")
+    assert not is_correct("#### 41", "#### 42") and not is_correct("nothing", "#### 42")
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, 1.0, 0.7, g)) for _ in range(300)}
+    assert draws == {0, 1}   # 0.5 + 0.3 >= 0.7: the nucleus is the first two
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen")
+    assert run_script("prepare.py", f"--out_dir={d}/data", "--toy_rows=400").returncode == 0
+    p = run_script("train.py", f"--data_dir={d}/data", f"--out_dir={d}/out", "--max_iters=2", "--n_layer=1",
+                   "--n_embd=32", "--n_head=2", "--n_kv_head=2", "--eval_interval=0", "--batch_size=4")
+    assert p.returncode == 0, p.stderr
+    return d
+
+
+def test_cli_contract(tiny_ckpt):
+    out = tiny_ckpt / "gen.jsonl"
+    p = run_script("generate.py", f"--init_from={tiny_ckpt}/out", f"--data={tiny_ckpt}/data/val.jsonl",
+                   "--limit=5", "--max_new_tokens=8", f"--out={out}", "--batch_size=2")
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert set(summary) >= {"n", "tokens", "forwards", "tokens_per_forward", "seconds", "tokens_per_second", "accuracy"}
+    rows = [json.loads(l) for l in open(out)]
+    assert len(rows) == summary["n"] == 5
+    assert all(set(r) >= {"prompt", "completion", "tokens", "forwards", "correct"} for r in rows)
+    assert summary["tokens"] == sum(r["tokens"] for r in rows)
+
+
+def test_cli_errors(tiny_ckpt):
+    assert_clean_error(run_script("generate.py", f"--init_from={tiny_ckpt}/out", "--prompt=x", "--method=beam"),
+                       "unknown method 'beam'")
+    assert_clean_error(run_script("generate.py", f"--init_from={tiny_ckpt}/out"), "exactly one of")
