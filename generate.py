@@ -14,7 +14,7 @@ import time
 import torch
 
 from configurator import UserError, configure, cli, defaults_from, print_config
-from model import KVCache, Transformer, from_pretrained
+from model import KVCache, Transformer, from_pretrained, interleaved_mask
 from prepare import Tokenizer, read_rows, row_texts
 
 init_from = "out/toy"      # a training out_dir, one checkpoint folder, or a Hugging Face model folder
@@ -35,7 +35,8 @@ dtype = "float32"          # float32 | bfloat16
 seed = 1337
 quiet = False              # no progress line
 
-EXTRA = {}  # decoders add their settings here (see the method sections below)
+EXTRA = {}     # decoders add their settings here (see the method sections below)
+ACCEPTED = {}  # histogram of tokens accepted per row per forward, for the summary
 
 
 # ----------------------------------------------------------------------------- loading
@@ -168,8 +169,139 @@ def reference_ar(model, prompt, max_new_tokens, info):
     return seq[len(prompt):]
 
 
-DECODERS = {"ar": decode_ar}
-MODES = {"ar": ("sft", "refine", "interleaved")}   # which training modes each method decodes
+# ----------------------------------------------------------------------------- blockwise
+
+EXTRA.update(threshold=0.7,   # blockwise: accept a slot token while its probability >= threshold
+             verify=False)    # blockwise/refine: accept drafts only where the model's own AR greedy agrees
+
+
+def block_chunk(verified, drafts, start, k):
+    """One row's forward input: the verified tokens not yet cached, the drafts after them, and a
+    group of k MASK slots for every number of drafts a that may be accepted (a = 0..len(drafts)):
+    group a drafts the k tokens after the token at position P0 + a (P0 = first draft's position).
+    Returns lists (idx, pos, slot, sj); `start` is the position of verified[0]."""
+    clean = verified + drafts
+    idx, pos = list(clean), list(range(start, start + len(clean)))
+    slot, sj = [False] * len(clean), [0] * len(clean)
+    p0 = start + len(verified)
+    for a in range(len(drafts) + 1):
+        idx += [None] * k
+        pos += [p0 + a + j for j in range(k)]
+        slot += [True] * k
+        sj += list(range(k))
+    return idx, pos, slot, sj
+
+
+def accept(clean_logits_row, slot_logits, drafts, c, eos, generator):
+    """Tokens accepted this step from one row's logits. clean_logits_row (m+1, V): predictions after
+    the last verified token and after each of the m drafts; slot_logits (m+1, k, V) per group.
+    Returns (accepted tokens, number of drafts accepted, next drafts)."""
+    if c.verify:  # longest draft prefix that AR greedy agrees with, plus one token of its own
+        g = clean_logits_row.argmax(-1).tolist()
+        a = 0
+        while a < len(drafts) and drafts[a] == g[a] and g[a] not in eos:
+            a += 1
+        return drafts[:a] + [g[a]], a, slot_logits[a].argmax(-1).tolist()
+    first = int(sample(clean_logits_row[0], c.temperature, c.top_p, generator))
+    out = [first]
+    probs = torch.softmax(slot_logits[0], -1)
+    for j in range(probs.shape[0]):  # early block stop: the first slot below threshold ends the block
+        if out[-1] in eos:
+            break
+        p, t = probs[j].max(-1)
+        if p < c.threshold:
+            break
+        out.append(int(t))
+    return out, 0, []
+
+
+@torch.inference_mode()
+def decode_blockwise(model, prompts, c, info, generator=None, cache=None):
+    """Batched next-block decoding with a KV cache. A step feeds each row its verified tokens
+    (the prompt at first), its drafts (verify only) and MASK slot groups, in one forward; rows
+    advance by different amounts. Only verified tokens are committed to the cache: slots and
+    rejected drafts are written past the committed length and overwritten by the next step."""
+    if c.verify and c.temperature > 0:
+        raise UserError("--verify reproduces greedy decoding: use --temperature=0")
+    k, n, dev = info["block_size"] - 1, len(prompts), model.lm_head.weight.device
+    eos = set(info["eos_ids"])
+    cache = cache or KVCache(model.config, n, max(map(len, prompts)) + c.max_new_tokens + (k + 1) ** 2 + 1,
+                             dev, model.lm_head.weight.dtype)
+    verified, drafts = [list(p) for p in prompts], [[] for _ in range(n)]
+    out, forwards, done = [[] for _ in range(n)], [0] * n, [False] * n
+    while not all(done):
+        lens = cache.length.tolist()
+        rows = [block_chunk(verified[b], drafts[b], lens[b], k) if not done[b] else ([], [], [], [])
+                for b in range(n)]
+        logits = clean_logits(blockwise_forward(model, cache, rows, info["mask_id"]), info)
+        commit = [0] * n
+        for b in range(n):
+            if done[b]:
+                continue
+            m, v = len(drafts[b]), len(verified[b])
+            clean = logits[b, v - 1:v + m]
+            slots = logits[b, v + m:v + m + (m + 1) * k].view(m + 1, k, -1)
+            toks, a, nxt = accept(clean, slots, drafts[b], c, eos, generator)
+            toks = toks[:c.max_new_tokens - len(out[b])]
+            out[b] += toks
+            # commit what was fed and verified, never past the (possibly truncated) output
+            commit[b], forwards[b] = min(v + a, len(prompts[b]) + len(out[b]) - lens[b]), forwards[b] + 1
+            ACCEPTED[len(toks)] = ACCEPTED.get(len(toks), 0) + 1
+            done[b] = any(t in eos for t in toks) or len(out[b]) >= c.max_new_tokens
+            verified[b], drafts[b] = (toks[-1:], nxt) if c.verify else (toks, [])
+        cache.commit(torch.tensor(commit, device=dev))
+    return [(cut_at_eos(o, eos), f) for o, f in zip(out, forwards)]
+
+
+def blockwise_forward(model, cache, rows, mask_id):
+    """One forward over per-row chunks, right-padded. Attention follows interleaved_mask over the
+    whole physical row: cached tokens are clean and sit at their own positions."""
+    n, dev = len(rows), cache.length.device
+    T = max(max(len(r[0]) for r in rows), 1)
+    S = int(cache.length.max()) + T
+    idx = torch.zeros(n, T, dtype=torch.long)
+    meta = {"pos": torch.arange(S).repeat(n, 1), "slot": torch.zeros(n, S, dtype=torch.bool),
+            "sj": torch.zeros(n, S, dtype=torch.long), "doc": torch.zeros(n, S, dtype=torch.long)}
+    for b, (ids, pos, slot, sj) in enumerate(rows):
+        L, w = int(cache.length[b]), len(ids)
+        idx[b, :w] = torch.tensor([mask_id if t is None else t for t in ids], dtype=torch.long)
+        meta["pos"][b, L:L + w] = torch.tensor(pos, dtype=torch.long)
+        meta["slot"][b, L:L + w] = torch.tensor(slot, dtype=torch.bool)
+        meta["sj"][b, L:L + w] = torch.tensor(sj, dtype=torch.long)
+        meta["doc"][b, L + w:] = 1   # padding: its own document, seen by no real token
+        meta["pos"][b, L + w:] = 0
+    meta = {key: v.to(dev) for key, v in meta.items()}
+    L = cache.length[:, None] + torch.arange(T, device=dev)
+    pos = meta["pos"].gather(1, L.clamp(max=S - 1))
+    return model(idx.to(dev), pos, interleaved_mask(meta["doc"], meta["pos"], meta["slot"], meta["sj"]),
+                 cache=cache).float()
+
+
+@torch.inference_mode()
+def reference_blockwise(model, prompt, c, info):
+    """The slow oracle for decode_blockwise: one row, no cache; every step recomputes the whole
+    sequence [all verified tokens][drafts][slot groups] from scratch."""
+    k, eos, dev = info["block_size"] - 1, set(info["eos_ids"]), model.lm_head.weight.device
+    seq, drafts, out, forwards = list(prompt), [], [], 0
+    while True:
+        ids, pos, slot, sj = block_chunk(seq, drafts, 0, k)
+        t = lambda x, dt=torch.long: torch.tensor([x], dtype=dt, device=dev)
+        ids = t([info["mask_id"] if i is None else i for i in ids])
+        mask = interleaved_mask(t([0] * len(pos)), t(pos), t(slot, torch.bool), t(sj))
+        logits = clean_logits(model(ids, t(pos), mask)[0], info)
+        m = len(drafts)
+        toks, a, nxt = accept(logits[len(seq) - 1:len(seq) + m],
+                              logits[len(seq) + m:].view(m + 1, k, -1), drafts, c, eos, None)
+        forwards += 1
+        toks = toks[:c.max_new_tokens - len(out)]
+        out += toks
+        seq, drafts = list(prompt) + out, nxt
+        if any(x in eos for x in toks) or len(out) >= c.max_new_tokens:
+            return cut_at_eos(out, eos), forwards
+
+
+DECODERS = {"ar": decode_ar, "blockwise": decode_blockwise}
+MODES = {"ar": ("sft", "refine", "interleaved"), "blockwise": ("interleaved",)}   # what each method decodes
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -256,6 +388,7 @@ def evaluate(model, info, tok, c, items, generator=None):
     decode = DECODERS[c.method]
     encoded = encode_prompts(tok, items, info)
     records, t0 = [], time.time()
+    ACCEPTED.clear()
     for i in range(0, len(encoded), c.batch_size):
         batch = encoded[i:i + c.batch_size]
         results = decode(model, [ids for _, ids in batch], c, info, generator)
@@ -273,7 +406,10 @@ def evaluate(model, info, tok, c, items, generator=None):
                   f"ETA {el / len(records) * (len(encoded) - len(records)):.0f}s", end="", file=sys.stderr)
     if not c.quiet:
         print(file=sys.stderr)
-    return records, summarize(records, time.time() - t0)
+    summary = summarize(records, time.time() - t0)
+    if ACCEPTED:
+        summary["accepted_per_forward"] = dict(sorted(ACCEPTED.items()))
+    return records, summary
 
 
 def summarize(records, seconds):

@@ -70,6 +70,25 @@ def bidirectional_mask(doc):
     return mask_mod
 
 
+def interleaved_mask(doc, pos, slot, sj):
+    """
+    Next-block prediction (seed interleaved_sft). Per token: doc id, position id, whether it is
+    a MASK slot, and its index j in its group. A slot group drafting the block that starts at
+    position s holds slots j = 0..B-2 at positions s+j, so s = pos - j is the group's key.
+      clean query:  clean keys at positions <= its own (an ordinary causal LM);
+      slot query:   clean keys at positions < s, and slots 0..j of its own group.
+    Clean tokens never see a slot, so the clean stream is exactly an AR model.
+    """
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_slot, kv_slot = slot[b, q_idx], slot[b, kv_idx]
+        q_pos, kv_pos = pos[b, q_idx], pos[b, kv_idx]
+        q_start = q_pos - sj[b, q_idx]
+        see_clean = ~kv_slot & torch.where(q_slot, kv_pos < q_start, kv_pos <= q_pos)
+        see_group = q_slot & kv_slot & (kv_pos - sj[b, kv_idx] == q_start) & (sj[b, kv_idx] <= sj[b, q_idx])
+        return (doc[b, q_idx] == doc[b, kv_idx]) & (see_clean | see_group)
+    return mask_mod
+
+
 def dense_mask(mask_mod, B, T, S, device):
     """Evaluate a mask_mod on the full (B, 1, T, S) grid: the SDPA path and the test oracle."""
     b = torch.arange(B, device=device).view(B, 1, 1, 1)

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from configurator import UserError, configure, cli, defaults_from, print_config
-from model import ModelConfig, Transformer, causal_mask, from_pretrained, pad_vocab, save_pretrained
+from model import (ModelConfig, Transformer, causal_mask, from_pretrained, interleaved_mask, pad_vocab,
+                   save_pretrained)
 from prepare import Tokenizer
 
 # I/O
@@ -30,6 +31,9 @@ data_dir = "data/toy"         # output of prepare.py
 out_dir = "out/toy"
 init_from = "scratch"         # scratch | resume | path to a Hugging Face model folder
 mode = "sft"                  # sft | refine | interleaved | diffusion
+# interleaved (next-block prediction)
+block_size = 4                # B: one forward yields the next B tokens
+mask_loss_weight = 1.0        # weight of the slot loss beside the clean-stream AR loss
 # model size (scratch)
 n_layer = 4
 n_head = 4
@@ -208,11 +212,65 @@ def sft_loss(model, b, c, gen, norm, backward):
     return {"loss": loss.item() / norm["tgt"]}
 
 
-def count_targets(b):
+def count_targets(b, c):
     return {"tgt": int((b["tgt"] >= 0).sum())}
 
 
-MODES = {"sft": {"length": sft_length, "layout": sft_layout, "loss": sft_loss, "counts": count_targets}}
+def block_groups(R, B):
+    """(s, n) per block of a response of R tokens: block start s, and its n <= B-1 slots
+    (slot j predicts token s+j+1; slots past the last token are left out)."""
+    return [(s, min(B - 1, R - 1 - s)) for s in range(0, R, B) if R - 1 - s > 0]
+
+
+def interleaved_length(plen, length, c):
+    return length + sum(n for _, n in block_groups(length - plen, c.block_size))
+
+
+def interleaved_layout(tokens, plen, c):
+    """Clean tokens first (an ordinary causal example), then every block's slot group. Two halves
+    rather than the seed's interleaving: the clean stream stays one causal run, which is the
+    sparser block mask; the semantics are the same (interleaved_mask)."""
+    clean = sft_layout(tokens, plen, c)
+    clean.update(slot=np.zeros(len(tokens), bool), sj=np.zeros(len(tokens), np.int64))
+    groups = block_groups(len(tokens) - plen, c.block_size)
+    j = np.concatenate([np.arange(n) for _, n in groups]) if groups else np.zeros(0, np.int64)
+    s = np.concatenate([np.full(n, plen + s0) for s0, n in groups]) if groups else np.zeros(0, np.int64)
+    slots = {"idx": np.full(len(j), c.mask_id), "pos": s + j, "tgt": tokens[s + j + 1],
+             "slot": np.ones(len(j), bool), "sj": j}
+    return {k: np.concatenate([clean[k], slots[k]]) for k in clean}
+
+
+def interleaved_loss(model, b, c, gen, norm, backward):
+    """AR loss on the clean stream + mask_loss_weight * loss on the slots, each divided by its
+    own global count; per-slot-index loss and accuracy for the logs."""
+    sel = b["tgt"] >= 0
+    logits = model(b["idx"], b["pos"], interleaved_mask(b["doc"], b["pos"], b["slot"], b["sj"]), select=sel)
+    tgt, is_slot, j = b["tgt"][sel], b["slot"][sel], b["sj"][sel]
+    ce = F.cross_entropy(logits.float(), tgt, reduction="none")
+    ar, sl = ce[~is_slot].sum(), ce[is_slot].sum()
+    backward(ar / norm["tgt"] + c.mask_loss_weight * sl / norm["slot"], final=True)
+    out = {"loss_ar": ar.item() / norm["tgt"], "loss_slot": sl.item() / norm["slot"]}
+    out["loss"] = out["loss_ar"] + c.mask_loss_weight * out["loss_slot"]
+    hit = logits.argmax(-1) == tgt
+    for k in range(c.block_size - 1):
+        m = is_slot & (j == k)
+        out[f"acc_slot{k}"] = hit[m].sum().item() / norm[f"slot{k}"]
+    return out
+
+
+def count_interleaved(b, c):
+    sup = b["tgt"] >= 0
+    counts = {"tgt": int((sup & ~b["slot"]).sum()), "slot": int((sup & b["slot"]).sum())}
+    for k in range(c.block_size - 1):   # the same keys on every rank: they are all-reduced
+        counts[f"slot{k}"] = int((sup & b["slot"] & (b["sj"] == k)).sum())
+    return counts
+
+
+MODES = {
+    "sft": {"length": sft_length, "layout": sft_layout, "loss": sft_loss, "counts": count_targets},
+    "interleaved": {"length": interleaved_length, "layout": interleaved_layout, "loss": interleaved_loss,
+                    "counts": count_interleaved, "info": lambda c: {"block_size": c.block_size}},
+}
 
 
 # ----------------------------------------------------------------------------- setup
@@ -370,7 +428,7 @@ def make_backward(model, c, world, is_last_micro):
 def global_counts(batches, c):
     counts = {}
     for b in batches:
-        for k, v in MODES[c.mode]["counts"](b).items():
+        for k, v in MODES[c.mode]["counts"](b, c).items():
             counts[k] = counts.get(k, 0) + v
     keys = sorted(counts)
     t = all_reduce(torch.tensor([counts[k] for k in keys], dtype=torch.float64))
@@ -406,7 +464,7 @@ def evaluate(model, val, c, world, rank, autocast):
     total = {}
     for m in range(rank, n, world):
         b = val.build(rows[m * c.batch_size:(m + 1) * c.batch_size])
-        norm = {k: float(v) for k, v in MODES[c.mode]["counts"](b).items()}
+        norm = {k: float(max(v, 1)) for k, v in MODES[c.mode]["counts"](b, c).items()}
         with autocast:
             out = MODES[c.mode]["loss"](model, to_device(b, c.device), c,
                                         torch.Generator().manual_seed(PAD_SEED + m), norm, lambda l, final: None)
@@ -469,7 +527,7 @@ def train(c):
     train_b, val_b = Batches(train_data, c, world, rank), Batches(val_data, c, 1, 0)
     if not c.max_iters:
         c.max_iters = max(c.epochs, 1) * train_b.steps_per_epoch()
-    info = {"mode": c.mode, "block_size": getattr(c, "block_size", 0), "tokenizer": "tokenizer" if tok.hf else tok.spec,
+    info = {"mode": c.mode, "block_size": 0, "tokenizer": "tokenizer" if tok.hf else tok.spec,
             "tokenizer_spec": meta["tokenizer"], "eos_id": meta["eos_id"], "bos_id": meta["bos_id"],
             "eos_ids": sorted({meta["eos_id"]}), "mask_id": meta["mask_id"], "vocab_size": meta["vocab_size"],
             "system_prompt": meta.get("system_prompt", ""), "prompt_key": meta["prompt_key"],
@@ -518,7 +576,8 @@ class Logger:
     def step(self, step, metrics, lr, gnorm, batches, dt):
         tokens = sum(int((b["doc"] >= 0).sum()) for _, b in batches)
         slots = sum(b["doc"].numel() for _, b in batches)
-        sup = sum(sum(MODES[self.c.mode]["counts"](b).values()) for _, b in batches)
+        sup = sum(sum(v for k, v in MODES[self.c.mode]["counts"](b, self.c).items() if k in ("tgt", "slot"))
+                  for _, b in batches)
         t = all_reduce(torch.tensor([float(tokens), float(slots), float(sup)] +
                                     [metrics[k] for k in sorted(metrics)], dtype=torch.float64)).tolist()
         m = dict(zip(sorted(metrics), t[3:]))
