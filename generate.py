@@ -36,7 +36,7 @@ seed = 1337
 quiet = False              # no progress line
 
 EXTRA = {}     # decoders add their settings here (see the method sections below)
-ACCEPTED = {}  # histogram of tokens accepted per row per forward, for the summary
+ACCEPTED = {}  # histogram of tokens accepted per row per step (blockwise: forward; refine: round)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -72,7 +72,7 @@ def load_info(ckpt):
         with open(gc) as fh:
             e = json.load(fh).get("eos_token_id")
         eos |= set(e if isinstance(e, list) else [e] if e is not None else [])
-    return {"mode": "sft", "block_size": 0, "tokenizer": ckpt, "tokenizer_path": ckpt,
+    return {"mode": "sft", "block_size": 0, "tokenizer": ckpt, "tokenizer_path": ckpt, "eos_id": tok.eos_id,
             "eos_ids": sorted(eos), "mask_id": tok.mask_id, "vocab_size": tok.vocab_size,
             "system_prompt": "", "prompt_key": "prompt", "response_key": "target",
             "raw_prompt": tok.template is None}  # a base model continues the text as given
@@ -300,8 +300,103 @@ def reference_blockwise(model, prompt, c, info):
             return cut_at_eos(out, eos), forwards
 
 
-DECODERS = {"ar": decode_ar, "blockwise": decode_blockwise}
-MODES = {"ar": ("sft", "refine", "interleaved"), "blockwise": ("interleaved",)}   # what each method decodes
+# ----------------------------------------------------------------------------- refine
+
+EXTRA.update(add_eos_length=127,   # refine: N EOS appended per round -> a draft of N+1 tokens
+             refine_iter=2)        # refine: forwards that re-predict the draft from itself
+
+
+def causal_forward(model, cache, rows):
+    """Logits (n, T, V) for per-row token lists, right-padded, after each row's cached prefix."""
+    dev = cache.length.device
+    idx, _ = right_pad([r or [0] for r in rows], 0, dev)
+    return model(idx, cache=cache).float()
+
+
+def verify_draft(logits_row, draft):
+    """Jacobi step (CLLM): logits_row (m+1, V) follow the last verified token and each of the m
+    drafts. Accept the longest draft prefix greedy agrees with, plus greedy's own next token."""
+    g = logits_row.argmax(-1).tolist()
+    a = 0
+    while a < len(draft) and draft[a] == g[a]:
+        a += 1
+    return draft[:a] + [g[a]], a, g[a + 1:]
+
+
+@torch.inference_mode()
+def decode_refine(model, prompts, c, info, generator=None):
+    """Refinement decoding (seed iterative_refine), batched, with the committed prefix in the KV
+    cache. A round feeds [verified][EOS x N]: one forward drafts N+1 tokens; refine_iter forwards
+    over the first N draft tokens re-predict tokens 2..N+1 (the first is exact AR); then the draft
+    is appended. With --verify every forward checks the draft instead (output = AR greedy)."""
+    if c.verify and c.temperature > 0:
+        raise UserError("--verify reproduces greedy decoding: use --temperature=0")
+    N, n, dev = c.add_eos_length, len(prompts), model.lm_head.weight.device
+    eos, fill = set(info["eos_ids"]), info["eos_id"]
+    cache = KVCache(model.config, n, max(map(len, prompts)) + c.max_new_tokens + 2 * N + 2, dev,
+                    model.lm_head.weight.dtype)
+    verified, drafts = [list(p) for p in prompts], [[fill] * N for _ in range(n)]
+    out, forwards, done = [[] for _ in range(n)], [0] * n, [False] * n
+    pick = lambda x: sample(x, c.temperature, c.top_p, generator).tolist()
+    while not all(done):
+        lens = cache.length.tolist()
+        live = [b for b in range(n) if not done[b]]
+        logits = clean_logits(causal_forward(model, cache, [verified[b] + drafts[b] if not done[b] else []
+                                                            for b in range(n)]), info)
+        commit, new = [0] * n, {}
+        for b in live:
+            v = len(verified[b])
+            if c.verify:
+                toks, a, rest = verify_draft(logits[b, v - 1:v + N], drafts[b])
+                drafts[b] = (rest + [fill] * N)[:N]
+            else:
+                toks, a = pick(logits[b, v - 1:v + N]), 0
+            new[b], commit[b] = toks, v + a
+            forwards[b] += 1
+        cache.commit(torch.tensor(commit, device=dev))
+        for _ in range(0 if c.verify else c.refine_iter if N else 0):   # refine the drafts in place
+            logits = clean_logits(causal_forward(model, cache, [new[b][:N] if b in new else [] for b in range(n)]), info)
+            for b in live:
+                new[b] = new[b][:1] + pick(logits[b, :N])
+                forwards[b] += 1
+        for b in live:
+            toks = cut_at_eos(new[b], eos)[:c.max_new_tokens - len(out[b])]
+            out[b] += toks
+            ACCEPTED[len(toks)] = ACCEPTED.get(len(toks), 0) + 1
+            done[b] = toks[-1] in eos or len(out[b]) >= c.max_new_tokens
+            verified[b] = toks[-1:] if c.verify else toks
+            if c.verify and len(out[b]) + len(prompts[b]) < lens[b] + commit[b]:
+                cache.length[b] = len(prompts[b]) + len(out[b])   # never commit past the output
+    return [(o, f) for o, f in zip(out, forwards)]
+
+
+@torch.inference_mode()
+def reference_refine(model, prompt, c, info):
+    """The slow oracle for decode_refine (greedy): one row, full recompute for every forward."""
+    N, eos, fill, dev = c.add_eos_length, set(info["eos_ids"]), info["eos_id"], model.lm_head.weight.device
+    run = lambda ids: clean_logits(model(torch.tensor([ids], device=dev))[0], info)
+    seq, out, forwards, draft = list(prompt), [], 0, [fill] * N
+    while True:
+        L = len(seq)
+        if c.verify:
+            toks, _, rest = verify_draft(run(seq + draft)[L - 1:L + N], draft)
+            draft, forwards = (rest + [fill] * N)[:N], forwards + 1
+        else:
+            toks = run(seq + [fill] * N)[L - 1:].argmax(-1).tolist()
+            forwards += 1
+            for _ in range(c.refine_iter if N else 0):
+                toks = toks[:1] + run(seq + toks[:N])[L:].argmax(-1).tolist()
+                forwards += 1
+        toks = cut_at_eos(toks, eos)[:c.max_new_tokens - len(out)]
+        out += toks
+        seq += toks
+        if toks[-1] in eos or len(out) >= c.max_new_tokens:
+            return out, forwards
+
+
+DECODERS = {"ar": decode_ar, "blockwise": decode_blockwise, "refine": decode_refine}
+MODES = {"ar": ("sft", "refine", "interleaved"), "blockwise": ("interleaved",),   # what each method decodes
+         "refine": ("refine", "sft", "interleaved")}
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -408,7 +503,7 @@ def evaluate(model, info, tok, c, items, generator=None):
         print(file=sys.stderr)
     summary = summarize(records, time.time() - t0)
     if ACCEPTED:
-        summary["accepted_per_forward"] = dict(sorted(ACCEPTED.items()))
+        summary["accepted_hist"] = dict(sorted(ACCEPTED.items()))   # tokens per row per step
     return records, summary
 
 

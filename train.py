@@ -31,6 +31,13 @@ data_dir = "data/toy"         # output of prepare.py
 out_dir = "out/toy"
 init_from = "scratch"         # scratch | resume | path to a Hugging Face model folder
 mode = "sft"                  # sft | refine | interleaved | diffusion
+# refine (EOS-noise iterative refinement)
+num_iterations = 2            # forwards per example: s0 (noised), s1 = greedy(s0), ...
+noise_min = 0.1               # per-example ratio of response tokens replaced by EOS ...
+noise_max = 0.9               # ... r ~ U[noise_min, noise_max] (see noise_schedule)
+noise_schedule = "uniform"    # uniform | linear | cosine: the upper end of r grows over training
+loss_weights = []             # per iteration; [] = all 1.0
+ar_loss_weight = 0.0          # + this * next-token loss on the clean sequence (CLLM keeps one)
 # interleaved (next-block prediction)
 block_size = 4                # B: one forward yields the next B tokens
 mask_loss_weight = 1.0        # weight of the slot loss beside the clean-stream AR loss
@@ -216,6 +223,63 @@ def count_targets(b, c):
     return {"tgt": int((b["tgt"] >= 0).sum())}
 
 
+def refine_layout(tokens, plen, c):
+    """sft's targets, plus where the response is: the only tokens noise may touch."""
+    lay = sft_layout(tokens, plen, c)
+    lay["resp"] = np.arange(len(tokens)) >= plen
+    return lay
+
+
+def noise_ratio(b, c, gen, step):
+    """One ratio r per example (document), broadcast to its tokens. The schedule moves the upper
+    end of the range from noise_min to noise_max over training (uniform: always the full range)."""
+    progress = min(step / max(c.max_iters, 1), 1.0)
+    ramp = {"uniform": 1.0, "linear": progress, "cosine": 0.5 - 0.5 * math.cos(math.pi * progress)}[c.noise_schedule]
+    hi = c.noise_min + (c.noise_max - c.noise_min) * ramp
+    n_docs = int(b["doc"].max()) + 1
+    r = c.noise_min + (hi - c.noise_min) * torch.rand(b["doc"].shape[0], n_docs, generator=gen)
+    return r.to(b["doc"].device), r.to(b["doc"].device).gather(1, b["doc"].clamp(min=0))
+
+
+def refine_loss(model, b, c, gen, norm, backward):
+    """Seed iterative_refine: s0 = response tokens replaced by EOS with probability r; for each
+    iteration k, CE of model(s_k) against the clean sequence, then s_{k+1} = the greedy next-token
+    predictions inside the response (no gradient through the argmax). The iterations share no
+    graph, so each loss is backpropagated at once: same gradient, one iteration's activations."""
+    sel, resp, mask = b["tgt"] >= 0, b["resp"], causal_mask(b["doc"])
+    r_doc, r_tok = noise_ratio(b, c, gen, c.step)
+    noise = resp & (torch.rand(resp.shape, generator=gen).to(resp.device) < r_tok)
+    s = torch.where(noise, torch.full_like(b["idx"], c.eos_id), b["idx"])
+    weights = c.loss_weights or [1.0] * c.num_iterations
+    n_docs = r_doc.shape[1]   # which documents each row holds (padding goes to an extra column)
+    present = torch.zeros(r_doc.shape[0], n_docs + 1, dtype=torch.bool, device=r_doc.device)
+    present.scatter_(1, torch.where(b["doc"] >= 0, b["doc"], n_docs), True)
+    out = {"noise_mean": r_doc[present[:, :n_docs]].sum().item() / norm["docs"]}
+    total = 0.0
+    for k in range(c.num_iterations):
+        out[f"draft_acc_s{k}"] = (s[resp] == b["idx"][resp]).sum().item() / norm["tgt"]
+        logits = model(s, b["pos"], mask, select=sel)
+        loss = ce_sum(logits, b["tgt"][sel])
+        last = k == c.num_iterations - 1 and not c.ar_loss_weight
+        backward(weights[k] * loss / norm["tgt"], final=last)
+        out[f"loss_s{k}"] = loss.item() / norm["tgt"]
+        total += weights[k] * out[f"loss_s{k}"]
+        with torch.no_grad():   # position i-1 predicts token i: the predictions fill the response
+            s = s.clone()
+            s[resp] = logits.argmax(-1)
+    if c.ar_loss_weight:
+        loss = ce_sum(model(b["idx"], b["pos"], mask, select=sel), b["tgt"][sel])
+        backward(c.ar_loss_weight * loss / norm["tgt"], final=True)
+        out["loss_ar"] = loss.item() / norm["tgt"]
+        total += c.ar_loss_weight * out["loss_ar"]
+    out["loss"] = total
+    return out
+
+
+def count_refine(b, c):
+    return {"tgt": int((b["tgt"] >= 0).sum()), "docs": int(sum(len(set(r.tolist()) - {-1}) for r in b["doc"]))}
+
+
 def block_groups(R, B):
     """(s, n) per block of a response of R tokens: block start s, and its n <= B-1 slots
     (slot j predicts token s+j+1; slots past the last token are left out)."""
@@ -268,6 +332,7 @@ def count_interleaved(b, c):
 
 MODES = {
     "sft": {"length": sft_length, "layout": sft_layout, "loss": sft_loss, "counts": count_targets},
+    "refine": {"length": sft_length, "layout": refine_layout, "loss": refine_loss, "counts": count_refine},
     "interleaved": {"length": interleaved_length, "layout": interleaved_layout, "loss": interleaved_loss,
                     "counts": count_interleaved, "info": lambda c: {"block_size": c.block_size}},
 }
@@ -447,6 +512,7 @@ def train_step(model, batches, c, world, step, autocast):
     metrics = {}
     for j, (m, b) in enumerate(batches):
         gen = torch.Generator().manual_seed(c.seed * 1_000_003 + step * 4099 + m)
+        c.step = step   # for schedules over training (refine's noise ratio)
         with autocast:
             out = MODES[c.mode]["loss"](model, to_device(b, c.device), c, gen, norm,
                                         make_backward(model, c, world, j == len(batches) - 1))
@@ -494,10 +560,15 @@ def load_data(c):
 
 
 def resolve(c, world):
+    c.step = 0
     if c.mode not in MODES:
         raise UserError(f"unknown mode {c.mode!r} (one of {', '.join(MODES)})")
     if c.parallel not in ("ddp", "fsdp"):
         raise UserError(f"parallel={c.parallel!r}: expected ddp or fsdp")
+    if c.mode == "refine" and c.loss_weights and len(c.loss_weights) != c.num_iterations:
+        raise UserError(f"loss_weights has {len(c.loss_weights)} entries for num_iterations={c.num_iterations}")
+    if c.noise_schedule not in ("uniform", "linear", "cosine"):
+        raise UserError(f"noise_schedule={c.noise_schedule!r}: expected uniform, linear or cosine")
     if c.gradient_accumulation_steps % world:
         raise UserError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} is not a multiple of the world size {world}")
     c.grad_accum = c.gradient_accumulation_steps // world
