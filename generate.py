@@ -11,6 +11,7 @@ import re
 import sys
 import time
 
+import numpy as np
 import torch
 
 from configurator import UserError, configure, cli, defaults_from, print_config
@@ -89,8 +90,8 @@ def load(init_from, device="cpu", dtype=torch.float32):
 # ----------------------------------------------------------------------------- sampling helpers
 
 def clean_logits(logits, info):
-    """Never emit the MASK token or the padding rows past the tokenizer's vocabulary."""
-    logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
+    """Never emit the MASK token or the padding rows past the tokenizer's vocabulary (in place)."""
+    logits = logits.float()
     logits[..., info["vocab_size"]:] = float("-inf")
     if info["mask_id"] < logits.shape[-1]:
         logits[..., info["mask_id"]] = float("-inf")
@@ -172,19 +173,22 @@ def reference_ar(model, prompt, max_new_tokens, info):
 # ----------------------------------------------------------------------------- blockwise
 
 EXTRA.update(threshold=0.7,   # blockwise: accept a slot token while its probability >= threshold
-             verify=False)    # blockwise/refine: accept drafts only where the model's own AR greedy agrees
+             verify=False,    # blockwise/refine: accept drafts only where the model's own AR greedy agrees
+             draft_tree=True)  # blockwise --verify: a slot group per possible acceptance length, not
+                               # only for "all drafts accepted" (more tokens per forward, longer forwards)
 
 
-def block_chunk(verified, drafts, start, k):
+def block_chunk(verified, drafts, start, k, tree=True):
     """One row's forward input: the verified tokens not yet cached, the drafts after them, and a
-    group of k MASK slots for every number of drafts a that may be accepted (a = 0..len(drafts)):
-    group a drafts the k tokens after the token at position P0 + a (P0 = first draft's position).
-    Returns lists (idx, pos, slot, sj); `start` is the position of verified[0]."""
+    group of k MASK slots for every number of drafts a that may be accepted (a = 0..len(drafts);
+    only a = len(drafts) without `tree`): group a drafts the k tokens after the token at
+    position P0 + a (P0 = first draft's position). Returns lists (idx, pos, slot, sj); `start`
+    is the position of verified[0]."""
     clean = verified + drafts
     idx, pos = list(clean), list(range(start, start + len(clean)))
     slot, sj = [False] * len(clean), [0] * len(clean)
     p0 = start + len(verified)
-    for a in range(len(drafts) + 1):
+    for a in (range(len(drafts) + 1) if tree else [len(drafts)]):
         idx += [None] * k
         pos += [p0 + a + j for j in range(k)]
         slot += [True] * k
@@ -201,6 +205,8 @@ def accept(clean_logits_row, slot_logits, drafts, c, eos, generator):
         a = 0
         while a < len(drafts) and drafts[a] == g[a] and g[a] not in eos:
             a += 1
+        if not c.draft_tree:  # only the all-accepted group was drafted
+            return drafts[:a] + [g[a]], a, slot_logits[0].argmax(-1).tolist() if a == len(drafts) else []
         return drafts[:a] + [g[a]], a, slot_logits[a].argmax(-1).tolist()
     first = int(sample(clean_logits_row[0], c.temperature, c.top_p, generator))
     out = [first]
@@ -231,7 +237,7 @@ def decode_blockwise(model, prompts, c, info, generator=None, cache=None):
     out, forwards, done = [[] for _ in range(n)], [0] * n, [False] * n
     while not all(done):
         lens = cache.length.tolist()
-        rows = [block_chunk(verified[b], drafts[b], lens[b], k) if not done[b] else ([], [], [], [])
+        rows = [block_chunk(verified[b], drafts[b], lens[b], k, c.draft_tree) if not done[b] else ([], [], [], [])
                 for b in range(n)]
         logits = clean_logits(blockwise_forward(model, cache, rows, info["mask_id"]), info)
         commit = [0] * n
@@ -240,7 +246,8 @@ def decode_blockwise(model, prompts, c, info, generator=None, cache=None):
                 continue
             m, v = len(drafts[b]), len(verified[b])
             clean = logits[b, v - 1:v + m]
-            slots = logits[b, v + m:v + m + (m + 1) * k].view(m + 1, k, -1)
+            groups = m + 1 if c.draft_tree else 1
+            slots = logits[b, v + m:v + m + groups * k].view(groups, k, -1)
             toks, a, nxt = accept(clean, slots, drafts[b], c, eos, generator)
             toks = toks[:c.max_new_tokens - len(out[b])]
             out[b] += toks
@@ -256,25 +263,20 @@ def decode_blockwise(model, prompts, c, info, generator=None, cache=None):
 def blockwise_forward(model, cache, rows, mask_id):
     """One forward over per-row chunks, right-padded. Attention follows interleaved_mask over the
     whole physical row: cached tokens are clean and sit at their own positions."""
-    n, dev = len(rows), cache.length.device
+    n, lens = len(rows), cache.length.tolist()
     T = max(max(len(r[0]) for r in rows), 1)
-    S = int(cache.length.max()) + T
-    idx = torch.zeros(n, T, dtype=torch.long)
-    meta = {"pos": torch.arange(S).repeat(n, 1), "slot": torch.zeros(n, S, dtype=torch.bool),
-            "sj": torch.zeros(n, S, dtype=torch.long), "doc": torch.zeros(n, S, dtype=torch.long)}
-    for b, (ids, pos, slot, sj) in enumerate(rows):
-        L, w = int(cache.length[b]), len(ids)
-        idx[b, :w] = torch.tensor([mask_id if t is None else t for t in ids], dtype=torch.long)
-        meta["pos"][b, L:L + w] = torch.tensor(pos, dtype=torch.long)
-        meta["slot"][b, L:L + w] = torch.tensor(slot, dtype=torch.bool)
-        meta["sj"][b, L:L + w] = torch.tensor(sj, dtype=torch.long)
-        meta["doc"][b, L + w:] = 1   # padding: its own document, seen by no real token
-        meta["pos"][b, L + w:] = 0
-    meta = {key: v.to(dev) for key, v in meta.items()}
-    L = cache.length[:, None] + torch.arange(T, device=dev)
-    pos = meta["pos"].gather(1, L.clamp(max=S - 1))
-    return model(idx.to(dev), pos, interleaved_mask(meta["doc"], meta["pos"], meta["slot"], meta["sj"]),
-                 cache=cache).float()
+    S = max(lens) + T
+    idx = np.zeros((n, T), dtype=np.int64)
+    pos, slot = np.tile(np.arange(S), (n, 1)), np.zeros((n, S), dtype=bool)
+    sj, doc = np.zeros((n, S), dtype=np.int64), np.zeros((n, S), dtype=np.int64)
+    for b, (ids, p, sl, j) in enumerate(rows):
+        L, w = lens[b], len(ids)
+        idx[b, :w] = [mask_id if t is None else t for t in ids]
+        pos[b, L:L + w], slot[b, L:L + w], sj[b, L:L + w] = p, sl, j
+        doc[b, L + w:], pos[b, L + w:] = 1, 0   # padding: its own document, seen by no real token
+    new_pos = pos[np.arange(n)[:, None], np.minimum(np.array(lens)[:, None] + np.arange(T), S - 1)]
+    t = lambda a: torch.from_numpy(a).to(cache.length.device)
+    return model(t(idx), t(new_pos), interleaved_mask(t(doc), t(pos), t(slot), t(sj)), cache=cache)
 
 
 @torch.inference_mode()
@@ -284,14 +286,14 @@ def reference_blockwise(model, prompt, c, info):
     k, eos, dev = info["block_size"] - 1, set(info["eos_ids"]), model.lm_head.weight.device
     seq, drafts, out, forwards = list(prompt), [], [], 0
     while True:
-        ids, pos, slot, sj = block_chunk(seq, drafts, 0, k)
+        ids, pos, slot, sj = block_chunk(seq, drafts, 0, k, c.draft_tree)
         t = lambda x, dt=torch.long: torch.tensor([x], dtype=dt, device=dev)
         ids = t([info["mask_id"] if i is None else i for i in ids])
         mask = interleaved_mask(t([0] * len(pos)), t(pos), t(slot, torch.bool), t(sj))
         logits = clean_logits(model(ids, t(pos), mask)[0], info)
         m = len(drafts)
         toks, a, nxt = accept(logits[len(seq) - 1:len(seq) + m],
-                              logits[len(seq) + m:].view(m + 1, k, -1), drafts, c, eos, None)
+                              logits[len(seq) + m:].view(-1, k, logits.shape[-1]), drafts, c, eos, None)
         forwards += 1
         toks = toks[:c.max_new_tokens - len(out)]
         out += toks
