@@ -110,7 +110,7 @@ def trained(tmp_path_factory):
 
 def cfg(**kw):
     return SimpleNamespace(**{"max_new_tokens": 60, "temperature": 0.0, "top_p": 1.0, "threshold": 0.7,
-                              "verify": False, **kw})
+                              "verify": False, "draft_tree": True, **kw})
 
 
 def test_threshold_above_one_is_ar_greedy(trained):
@@ -120,15 +120,17 @@ def test_threshold_above_one_is_ar_greedy(trained):
     assert [r[0] for r in bw] == [r[0] for r in ar]
 
 
-def test_verify_is_ar_greedy_with_fewer_forwards(trained):
+@pytest.mark.parametrize("tree", [True, False])
+def test_verify_is_ar_greedy_with_fewer_forwards(trained, tree):
     model, info, prompts = trained
     ar = decode_ar(model, prompts, cfg(), info)
-    vf = decode_blockwise(model, prompts, cfg(verify=True), info)
+    vf = decode_blockwise(model, prompts, cfg(verify=True, draft_tree=tree), info)
     assert [r[0] for r in vf] == [r[0] for r in ar]
     assert sum(r[1] for r in vf) < 0.8 * sum(r[1] for r in ar)
 
 
-@pytest.mark.parametrize("kw", [{"threshold": 0.5}, {"threshold": 0.7}, {"threshold": 0.9}, {"verify": True}])
+@pytest.mark.parametrize("kw", [{"threshold": 0.5}, {"threshold": 0.7}, {"threshold": 0.9}, {"verify": True},
+                                {"verify": True, "draft_tree": False}])
 def test_cached_equals_uncached_and_batch_equals_single(trained, kw):
     model, info, prompts = trained
     batched = decode_blockwise(model, prompts[:8], cfg(**kw), info)
@@ -136,11 +138,11 @@ def test_cached_equals_uncached_and_batch_equals_single(trained, kw):
         assert got == decode_blockwise(model, [p], cfg(**kw), info)[0] == reference_blockwise(model, p, cfg(**kw), info)
 
 
-@pytest.mark.parametrize("verify", [False, True])
-def test_cache_holds_only_committed_clean_tokens(trained, verify):
+@pytest.mark.parametrize("kw", [{"verify": False}, {"verify": True}, {"verify": True, "draft_tree": False}])
+def test_cache_holds_only_committed_clean_tokens(trained, kw):
     model, info, prompts = trained
     cache = KVCache(model.config, 3, 200, "cpu", torch.float32)
-    results = decode_blockwise(model, prompts[:3], cfg(verify=verify, max_new_tokens=25), info, cache=cache)
+    results = decode_blockwise(model, prompts[:3], cfg(max_new_tokens=25, **kw), info, cache=cache)
     for b, (p, (out, _)) in enumerate(zip(prompts, results)):
         L = int(cache.length[b])
         committed = (p + out)[:L]
