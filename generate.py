@@ -5,6 +5,7 @@ and wall time, so a faster decoder is always seen next to what it costs in accur
     python generate.py --init_from=out/toy --data=data/toy_val.jsonl --method=ar
     python generate.py --init_from=assets/stories260K --prompt="Once upon a time"
 """
+import itertools
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from configurator import UserError, configure, cli, defaults_from, print_config
-from model import KVCache, Transformer, from_pretrained, interleaved_mask
+from model import KVCache, bidirectional_mask, block_causal_mask, from_pretrained, interleaved_mask
 from prepare import Tokenizer, read_rows, row_texts
 
 init_from = "out/toy"      # a training out_dir, one checkpoint folder, or a Hugging Face model folder
@@ -396,9 +397,151 @@ def reference_refine(model, prompt, c, info):
             return out, forwards
 
 
-DECODERS = {"ar": decode_ar, "blockwise": decode_blockwise, "refine": decode_refine}
+# ----------------------------------------------------------------------------- diffusion
+
+EXTRA.update(steps=0,          # diffusion: denoising steps over the canvas (0: one per token)
+             alg="entropy",    # diffusion: origin | maskgit_plus | topk_margin | entropy
+             alg_temp=0.0,     # diffusion: > 0 samples the positions to unmask from softmax(conf / alg_temp)
+             block_length=0,   # diffusion: semi-AR blocks, decoded block-causally with a KV cache (0: one canvas)
+             dthreshold=0.0)   # diffusion: Fast-dLLM parallel unmasking: the most confident + all with p >= this
+
+
+def confidence(probs, x0, alg):
+    """Per masked position: how sure the model is (higher = unmask first). probs (N, V)."""
+    if alg == "maskgit_plus":
+        return probs.gather(-1, x0[:, None])[:, 0]
+    if alg == "topk_margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    if alg == "entropy":
+        return (probs * torch.log(probs.clamp(min=1e-10))).sum(-1)    # -entropy
+    raise UserError(f"unknown alg {alg!r} (origin, maskgit_plus, topk_margin, entropy)")
+
+
+def choose(logits, n_unmask, c, generator):
+    """For one row's masked positions (logits (N, V)): the tokens x0 and which positions to unmask
+    (a bool (N,)). n_unmask from the schedule; with dthreshold, the most confident position plus
+    every position whose token has probability >= dthreshold (Fast-dLLM)."""
+    probs = torch.softmax(logits / c.temperature if c.temperature > 0 else logits, -1)
+    x0 = sample(logits, c.temperature, c.top_p, generator)
+    N = logits.shape[0]
+    pick = torch.zeros(N, dtype=torch.bool, device=logits.device)
+    if c.dthreshold > 0:
+        p = probs.gather(-1, x0[:, None])[:, 0]
+        pick[p.argmax()] = True
+        return x0, pick | (p >= c.dthreshold)
+    n = min(n_unmask, N)
+    if c.alg == "origin":   # random positions, as Dream's origin / LLaDA's random remasking
+        order = torch.randperm(N, generator=generator, device="cpu")[:n].to(logits.device)
+    else:
+        conf = confidence(probs, x0, c.alg)
+        if c.alg_temp > 0:
+            order = torch.multinomial(torch.softmax(conf / c.alg_temp, -1), n, generator=generator)
+        else:
+            order = conf.topk(n).indices
+    pick[order] = True
+    return x0, pick
+
+
+def schedule(n_masked, steps):
+    """How many tokens each step unmasks (LLaDA): evenly, the remainder to the first steps."""
+    base, rem = divmod(n_masked, steps)
+    return [base + (i < rem) for i in range(steps)]
+
+
+def denoise_step(logits, canvas, lo, hi, k, c, info, generator):
+    """Unmask k positions of canvas[lo:hi] (1-D tensor) from logits aligned to the canvas."""
+    region = canvas[lo:hi]
+    masked = (region == info["mask_id"]).nonzero()[:, 0]
+    if len(masked) == 0:
+        return
+    x0, pick = choose(clean_logits(logits[masked], info), k, c, generator)
+    region[masked[pick]] = x0[pick]
+
+
+@torch.inference_mode()
+def decode_diffusion(model, prompts, c, info, generator=None):
+    """Masked-diffusion sampling (LLaDA / Dream) of a canvas of max_new_tokens MASKs. Without
+    block_length: one bidirectional canvas, every step recomputes everything. With it: blocks
+    left to right, block-causal attention, finished blocks in the KV cache (see decode_blocks)."""
+    if c.block_length:
+        return decode_blocks(model, prompts, c, info, generator)
+    G, n, dev, mask_id = c.max_new_tokens, len(prompts), model.lm_head.weight.device, info["mask_id"]
+    steps = c.steps or G
+    rows = [list(p) + [mask_id] * G for p in prompts]
+    idx, lens = right_pad(rows, info["eos_id"], dev)
+    doc = (torch.arange(idx.shape[1], device=dev)[None] >= lens[:, None]).long()   # padding: its own document
+    forwards = 0
+    for k in (schedule(G, steps) if not c.dthreshold else itertools.repeat(0)):
+        if not (idx == mask_id).any():
+            break
+        logits = model(idx, None, bidirectional_mask(doc)).float()
+        logits = shift_logits(logits, info)
+        forwards += 1
+        for b, p in enumerate(prompts):
+            denoise_step(logits[b, :len(p) + G], idx[b, :len(p) + G], len(p), len(p) + G, k, c, info, generator)
+    eos = set(info["eos_ids"])
+    return [(cut_at_eos(idx[b, len(p):len(p) + G].tolist(), eos), forwards) for b, p in enumerate(prompts)]
+
+
+def shift_logits(logits, info):
+    """Dream's shift: the logits at i predict token i+1, so position j reads the logits of j-1."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1) if info.get("shift") else logits
+
+
+@torch.inference_mode()
+def decode_blocks(model, prompts, c, info, generator=None, reference=False):
+    """Semi-AR diffusion with block_length L: each block's first forward feeds [the prompt or the
+    block just finished][L MASKs]; the pending tokens are then committed to the KV cache, later
+    steps feed only the L tokens of the current block. Under block_causal_mask a finished block
+    never sees later ones, so the cache is exact: equal to recomputing everything (reference=True)."""
+    L, G, n, dev, mask_id = c.block_length, c.max_new_tokens, len(prompts), model.lm_head.weight.device, info["mask_id"]
+    if G % L:
+        raise UserError(f"max_new_tokens={G} must be a multiple of block_length={L}")
+    n_blocks, eos = G // L, set(info["eos_ids"])
+    per_block = schedule(L, max(1, (c.steps or G) // n_blocks))   # LLaDA: steps split evenly over blocks
+    plen = torch.tensor([len(p) for p in prompts], device=dev)
+    rule = block_causal_mask(plen, L)
+    cache = KVCache(model.config, n, max(map(len, prompts)) + G + 1, dev, model.lm_head.weight.dtype)
+    pending, out, forwards, done = [list(p) for p in prompts], [[] for _ in range(n)], [0] * n, [False] * n
+    for blk in range(n_blocks):
+        canvas = torch.full((n, L), mask_id, dtype=torch.long, device=dev)
+        first = True
+        for k in (per_block if not c.dthreshold else itertools.repeat(0)):
+            if not (canvas == mask_id).any():
+                break
+            live = [b for b in range(n) if not done[b]]
+            if reference:   # recompute [prompt][finished blocks][block] from scratch
+                seqs = [prompts[b] + out[b] + canvas[b].tolist() for b in range(n)]
+                idx, _ = right_pad(seqs, info["eos_id"], dev)
+                logits = model(idx, None, rule).float()
+                lg = [logits[b, len(seqs[b]) - L - 1:len(seqs[b])] for b in range(n)]
+            else:
+                rows = [pending[b] + canvas[b].tolist() for b in range(n)] if first else canvas.tolist()
+                idx, _ = right_pad(rows, info["eos_id"], dev)
+                logits = model(idx, None, rule, cache=cache).float()
+                if first:   # commit the pending tokens; keep the logits of the last one (for shift)
+                    last = torch.stack([logits[b, len(pending[b]) - 1] for b in range(n)])
+                    cache.commit(torch.tensor([len(p) for p in pending], device=dev))
+                    logits = torch.stack([logits[b, len(pending[b]):len(pending[b]) + L] for b in range(n)])
+                lg = [torch.cat([last[b:b + 1], logits[b]]) for b in range(n)]
+            for b in live:   # lg[b] (L + 1, V): the logits before and at each block position
+                forwards[b] += 1
+                denoise_step(lg[b][:-1] if info.get("shift") else lg[b][1:], canvas[b], 0, L, k, c, info, generator)
+            first = False
+        for b in range(n):
+            if not done[b]:
+                out[b] += canvas[b].tolist()
+                done[b] = any(t in eos for t in canvas[b].tolist())   # stop once a finished block holds EOS
+            pending[b] = canvas[b].tolist()
+        if all(done):
+            break
+    return [(cut_at_eos(o, eos), f) for o, f in zip(out, forwards)]
+
+
+DECODERS = {"ar": decode_ar, "blockwise": decode_blockwise, "refine": decode_refine, "diffusion": decode_diffusion}
 MODES = {"ar": ("sft", "refine", "interleaved"), "blockwise": ("interleaved",),   # what each method decodes
-         "refine": ("refine", "sft", "interleaved")}
+         "refine": ("refine", "sft", "interleaved"), "diffusion": ("diffusion",)}
 
 
 # ----------------------------------------------------------------------------- scoring

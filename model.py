@@ -89,6 +89,19 @@ def interleaved_mask(doc, pos, slot, sj):
     return mask_mod
 
 
+def block_causal_mask(prompt_len, block_length):
+    """Semi-autoregressive diffusion decoding: the prompt is block 0, response block k covers
+    positions P + (k-1) L .. P + k L - 1; a token sees every token of its own and earlier blocks.
+    Finished blocks never see later ones, so their cached keys and values stay exact."""
+    def block(b, i):
+        P = prompt_len[b]
+        return torch.where(i < P, 0, 1 + (i - P) // block_length)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return block(b, kv_idx) <= block(b, q_idx)
+    return mask_mod
+
+
 def dense_mask(mask_mod, B, T, S, device):
     """Evaluate a mask_mod on the full (B, 1, T, S) grid: the SDPA path and the test oracle."""
     b = torch.arange(B, device=device).view(B, 1, 1, 1)

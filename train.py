@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from configurator import UserError, configure, cli, defaults_from, print_config
-from model import (ModelConfig, Transformer, causal_mask, from_pretrained, interleaved_mask, pad_vocab,
-                   save_pretrained)
+from model import (ModelConfig, Transformer, bidirectional_mask, causal_mask, from_pretrained, interleaved_mask,
+                   pad_vocab, save_pretrained)
 from prepare import Tokenizer
 
 # I/O
@@ -41,6 +41,13 @@ ar_loss_weight = 0.0          # + this * next-token loss on the clean sequence (
 # interleaved (next-block prediction)
 block_size = 4                # B: one forward yields the next B tokens
 mask_loss_weight = 1.0        # weight of the slot loss beside the clean-stream AR loss
+# diffusion (LLaDA / Dream masked diffusion)
+gen_length = 0                # responses are EOS-padded to this many tokens, pads supervised (LLaDA)
+shift = False                 # Dream: position i predicts token i+1 (for models adapted from AR)
+time_weighting = "original"   # original (1/t) | linear (1-t) | cart (Dream's context-adaptive weights)
+cart_p = 0.3                  # cart: the geometric distribution's parameter
+complementary_mask = False    # Fast-dLLM v2: each example also with the complement of its mask
+eps = 1e-3                    # t ~ U(eps, 1)
 # model size (scratch)
 n_layer = 4
 n_head = 4
@@ -280,6 +287,71 @@ def count_refine(b, c):
     return {"tgt": int((b["tgt"] >= 0).sum()), "docs": int(sum(len(set(r.tolist()) - {-1}) for r in b["doc"]))}
 
 
+def diffusion_length(plen, length, c):
+    return max(length, plen + c.gen_length)
+
+
+def diffusion_layout(tokens, plen, c):
+    """The response EOS-padded to gen_length (the pads are supervised, so that a fixed canvas
+    learns to end). tgt = the clean token at each response position; the loss picks the masked."""
+    L = diffusion_length(plen, len(tokens), c)
+    idx = np.concatenate([tokens, np.full(L - len(tokens), c.eos_id)])
+    resp = np.arange(L) >= plen
+    return {"idx": idx, "pos": np.arange(L), "tgt": np.where(resp, idx, -100), "resp": resp}
+
+
+def cart_weights(masked, doc, p):
+    """Dream's context-adaptive reweighting: a masked token's weight is the sum over the unmasked
+    tokens j of its document of a geometric kernel in the distance, p (1-p)^(|i-j|-1) / 2."""
+    T = masked.shape[1]
+    d = (torch.arange(T, device=masked.device)[None, :] - torch.arange(T, device=masked.device)[:, None]).abs()
+    kernel = torch.where(d > 0, 0.5 * p * (1 - p) ** (d - 1).clamp(min=0).float(), torch.zeros((), device=d.device))
+    same = doc[:, :, None] == doc[:, None, :]                                   # (B, T, T)
+    return ((same & ~masked[:, None, :]).float() * kernel).sum(-1)
+
+
+def diffusion_term(model, b, c, masked, t_tok, mask):
+    """Summed weighted CE over the masked response tokens for one noising of the batch."""
+    noisy = torch.where(masked, torch.full_like(b["idx"], c.mask_id), b["idx"])
+    if c.shift:   # Dream: the token at i+1 is predicted at i
+        sel = torch.zeros_like(masked)
+        sel[:, :-1] = masked[:, 1:]
+        tgt = torch.roll(b["idx"], -1, dims=1)[sel]
+    else:
+        sel, tgt = masked, b["idx"][masked]
+    weight = {"original": lambda: 1 / t_tok, "linear": lambda: 1 - t_tok,
+              "cart": lambda: cart_weights(masked, b["doc"], c.cart_p)}[c.time_weighting]()
+    w = (weight[masked] if not c.shift else weight[:, 1:][masked[:, 1:]])
+    ce = F.cross_entropy(model(noisy, b["pos"], mask, select=sel).float(), tgt, reduction="none")
+    return (ce * w).sum(), ce.sum()
+
+
+def diffusion_loss(model, b, c, gen, norm, backward):
+    """LLaDA SFT: t ~ U(eps, 1) per example, each response token masked with probability t, CE on
+    the masked tokens weighted by time_weighting, divided by the number of response tokens."""
+    resp = b["resp"]
+    n_docs = int(b["doc"].max()) + 1
+    t_doc = (1 - c.eps) * torch.rand(b["doc"].shape[0], n_docs, generator=gen) + c.eps
+    t_tok = t_doc.to(resp.device).gather(1, b["doc"].clamp(min=0))
+    masked = resp & (torch.rand(resp.shape, generator=gen).to(resp.device) < t_tok)
+    mask = bidirectional_mask(b["doc"])
+    loss, ce = diffusion_term(model, b, c, masked, t_tok, mask)
+    out = {"masked_ce": ce.item() / norm["tgt"]}
+    if c.complementary_mask:   # the same example with exactly the other response tokens masked
+        backward(0.5 * loss / norm["tgt"], final=False)
+        loss2, _ = diffusion_term(model, b, c, resp & ~masked, 1 - t_tok + c.eps, mask)
+        backward(0.5 * loss2 / norm["tgt"], final=True)
+        out["loss"] = 0.5 * (loss.item() + loss2.item()) / norm["tgt"]
+    else:
+        backward(loss / norm["tgt"], final=True)
+        out["loss"] = loss.item() / norm["tgt"]
+    return out
+
+
+def count_diffusion(b, c):
+    return {"tgt": int(b["resp"].sum())}
+
+
 def block_groups(R, B):
     """(s, n) per block of a response of R tokens: block start s, and its n <= B-1 slots
     (slot j predicts token s+j+1; slots past the last token are left out)."""
@@ -333,6 +405,8 @@ def count_interleaved(b, c):
 MODES = {
     "sft": {"length": sft_length, "layout": sft_layout, "loss": sft_loss, "counts": count_targets},
     "refine": {"length": sft_length, "layout": refine_layout, "loss": refine_loss, "counts": count_refine},
+    "diffusion": {"length": diffusion_length, "layout": diffusion_layout, "loss": diffusion_loss,
+                  "counts": count_diffusion, "info": lambda c: {"gen_length": c.gen_length, "shift": c.shift}},
     "interleaved": {"length": interleaved_length, "layout": interleaved_layout, "loss": interleaved_loss,
                     "counts": count_interleaved, "info": lambda c: {"block_size": c.block_size}},
 }
@@ -567,6 +641,8 @@ def resolve(c, world):
         raise UserError(f"parallel={c.parallel!r}: expected ddp or fsdp")
     if c.mode == "refine" and c.loss_weights and len(c.loss_weights) != c.num_iterations:
         raise UserError(f"loss_weights has {len(c.loss_weights)} entries for num_iterations={c.num_iterations}")
+    if c.time_weighting not in ("original", "linear", "cart"):
+        raise UserError(f"time_weighting={c.time_weighting!r}: expected original, linear or cart")
     if c.noise_schedule not in ("uniform", "linear", "cosine"):
         raise UserError(f"noise_schedule={c.noise_schedule!r}: expected uniform, linear or cosine")
     if c.gradient_accumulation_steps % world:

@@ -1,0 +1,144 @@
+"""mode=diffusion and --method=diffusion: the loss by hand, the remasking rules, the cache."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from configurator import configure, defaults_from
+from generate import choose, decode_blocks, decode_diffusion
+from model import ModelConfig, Transformer, bidirectional_mask
+
+EOS, MASK = 256, 257
+
+
+def cfg(**kw):
+    c = configure(defaults_from(vars(train)), [f"--{k}={v}" for k, v in kw.items()])
+    c.eos_id, c.mask_id, c.step = EOS, MASK, 0
+    return c
+
+
+def tiny_model(seed=0):
+    m = Transformer(ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    m.init_weights(seed)
+    return m
+
+
+def batch(c):
+    rng = np.random.default_rng(1)
+    rows = [[train.diffusion_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in ((5, 7), (3, 4))]]
+    return train.collate(rows, 40, EOS)
+
+
+class Recorder:
+    def __init__(self, m):
+        self.m, self.inputs = m, []
+
+    def __call__(self, idx, *a, **kw):
+        self.inputs.append(idx.clone())
+        return self.m(idx, *a, **kw)
+
+
+@pytest.mark.parametrize("weighting", ["original", "linear", "cart"])
+@pytest.mark.parametrize("shift", [False, True])
+def test_loss_by_hand(weighting, shift):
+    c = cfg(mode="diffusion", gen_length=10, time_weighting=weighting, shift=shift, cart_p=0.3)
+    b = batch(c)
+    assert int(b["resp"].sum()) == 20   # both responses EOS-padded to gen_length=10
+    m, seed = tiny_model(), 7
+    rec = Recorder(m)
+    n_resp = float(b["resp"].sum())
+    got = train.diffusion_loss(rec, b, c, torch.Generator().manual_seed(seed), {"tgt": n_resp},
+                               lambda l, final: None)["loss"]
+    # the same random draws, in the same order, then every term written out
+    g = torch.Generator().manual_seed(seed)
+    t_doc = (1 - c.eps) * torch.rand(1, 2, generator=g) + c.eps   # two documents in the row
+    u = torch.rand(b["resp"].shape, generator=g)
+    noisy = rec.inputs[0][0]
+    idx, doc, resp = b["idx"][0], b["doc"][0], b["resp"][0]
+    with torch.no_grad():
+        logits = m(noisy[None], b["pos"], bidirectional_mask(b["doc"]))[0]
+    total = 0.0
+    for i in range(40):
+        d = int(doc[i])
+        masked_i = bool(resp[i]) and bool(u[0, i] < t_doc[0, d])
+        assert (noisy[i] == MASK) == masked_i          # only response tokens are ever masked
+        if not masked_i:
+            assert noisy[i] == idx[i]
+            continue
+        t = float(t_doc[0, d])
+        if weighting == "original":
+            w = 1 / t
+        elif weighting == "linear":
+            w = 1 - t
+        else:
+            w = sum(0.5 * 0.3 * 0.7 ** (abs(i - j) - 1) for j in range(40)
+                    if j != i and int(doc[j]) == d and noisy[j] != MASK)
+        src = i - 1 if shift else i                     # Dream: token i is predicted at i - 1
+        total += w * float(F.cross_entropy(logits[src][None], idx[i][None]))
+    assert math.isclose(got, total / n_resp, rel_tol=1e-5), (got, total / n_resp)
+
+
+def test_complementary_masks_cover_the_response_once():
+    c = cfg(mode="diffusion", gen_length=10, complementary_mask=True)
+    b = batch(c)
+    rec = Recorder(tiny_model())
+    train.diffusion_loss(rec, b, c, torch.Generator().manual_seed(0), {"tgt": 20.0}, lambda l, final: None)
+    a, z = (rec.inputs[0] == MASK), (rec.inputs[1] == MASK)
+    assert not (a & z).any() and torch.equal(a | z, b["resp"])
+
+
+def dcfg(**kw):
+    return SimpleNamespace(**{"temperature": 0.0, "top_p": 1.0, "alg": "maskgit_plus", "alg_temp": 0.0,
+                              "dthreshold": 0.0, "steps": 0, "block_length": 0, "max_new_tokens": 12, **kw})
+
+
+def test_each_alg_picks_its_rule():
+    # four masked positions with hand-made distributions over 4 tokens
+    p = torch.tensor([[0.70, 0.10, 0.10, 0.10],    # confident, wide margin, low entropy
+                      [0.45, 0.44, 0.10, 0.01],    # top-1 0.45 but tiny margin
+                      [0.50, 0.50, 0.00, 0.00],    # top-1 0.50, margin 0, entropy log 2
+                      [0.60, 0.40, 0.00, 0.00]])   # top-1 0.60, margin 0.2, entropy 0.67
+    logits = torch.log(p.clamp(min=1e-12))
+    pick = lambda alg, n: choose(logits, n, dcfg(alg=alg), None)[1].nonzero()[:, 0].tolist()
+    assert pick("maskgit_plus", 2) == [0, 3]       # highest top-1 probability
+    assert pick("topk_margin", 2) == [0, 3]        # largest p1 - p2: 0.6, 0.2
+    assert pick("topk_margin", 3) == [0, 1, 3]     # then 0.01 beats 0
+    assert pick("entropy", 3) == [0, 2, 3]         # lowest entropies: 0.94, 0.69, 0.67 (vs 0.98)
+    x0, sel = choose(logits, 1, dcfg(dthreshold=0.55), None)
+    assert sel.nonzero()[:, 0].tolist() == [0, 3]  # the most confident always, plus p >= 0.55
+    _, sel = choose(logits, 1, dcfg(dthreshold=0.99), None)
+    assert sel.nonzero()[:, 0].tolist() == [0]
+    g = torch.Generator().manual_seed(0)
+    assert len(choose(logits, 3, dcfg(alg="origin"), g)[1].nonzero()) == 3
+
+
+INFO = {"eos_ids": [EOS], "eos_id": EOS, "mask_id": MASK, "vocab_size": 258}
+
+
+@pytest.mark.parametrize("alg", ["origin", "maskgit_plus", "topk_margin", "entropy"])
+def test_no_mask_left(alg):
+    m = tiny_model().eval()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    for kw in ({}, {"steps": 3}, {"dthreshold": 0.9}, {"block_length": 4}):
+        out = decode_diffusion(m, prompts, dcfg(alg=alg, **kw), INFO, torch.Generator().manual_seed(0))
+        for ids, forwards in out:
+            assert MASK not in ids and 0 < forwards <= 12 and len(ids) <= 12
+
+
+@pytest.mark.parametrize("kw", [{"block_length": 4}, {"block_length": 3, "steps": 4},
+                                {"block_length": 4, "dthreshold": 0.5}, {"block_length": 6, "alg": "entropy"}])
+@pytest.mark.parametrize("shift", [False, True])
+def test_cached_blocks_equal_uncached(kw, shift):
+    m = tiny_model(3).eval()
+    with torch.no_grad():   # peaky logits: confidences far apart, so rounding cannot reorder them
+        m.embed_tokens.weight.mul_(30)
+    info = dict(INFO, shift=shift)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    cached = decode_blocks(m, prompts, dcfg(**kw), info)
+    assert cached == decode_blocks(m, prompts, dcfg(**kw), info, reference=True)
+    for p, got in zip(prompts, cached):   # batch = single row
+        assert decode_blocks(m, [p], dcfg(**kw), info) == [got]
