@@ -1,0 +1,240 @@
+"""
+The performance table: what each training mode costs next to sft on the same examples, and what
+each decoder buys next to AR decoding of the same model (accuracy, tokens per forward, speed).
+Trains every mode with the same budget on the toy task, in this process, then decodes its
+held-out split. Prints Markdown tables, then one JSON line.
+
+    python bench.py --quick          # a smoke run, under two minutes on 2 CPU cores
+    python bench.py                  # the README table (about half an hour on 2 CPU cores)
+    python bench.py --device=cuda    # adds MFU
+"""
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import weakref
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import generate
+import prepare
+import train
+from configurator import configure, cli, defaults_from
+
+quick = False            # the smoke preset
+device = "cpu"
+out_dir = ""             # where runs go (default: a temporary folder)
+eval_n = 300             # held-out problems decoded at batch 8 (accuracy)
+speed_n = 40             # problems decoded at batch 1 and 8 for the wall-clock ratios
+time_steps = 10          # timed training steps per mode (after 3 warm-up steps)
+peak_flops = 989e12      # bf16 dense peak of an H100 SXM, for MFU on CUDA
+
+PRESETS = {  # model, data and budget; every mode gets the same
+    "full": dict(toy_rows=20000, n_layer=4, n_head=4, n_kv_head=4, n_embd=128, max_iters=600, batch_size=16,
+                 learning_rate=2e-3, min_lr=2e-4, warmup_iters=30),
+    "quick": dict(toy_rows=600, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, max_iters=8, batch_size=4,
+                  learning_rate=3e-3, min_lr=3e-4, warmup_iters=2),
+}
+RUNS = {  # trained mode -> (train overrides, [(decoder label, generate overrides)])
+    "sft": ({}, [("ar", {})]),
+    "refine": ({"mode": "refine", "num_iterations": 2, "ar_loss_weight": 1.0},
+               [("refine N=15 M=1", {"method": "refine", "add_eos_length": 15, "refine_iter": 1}),
+                ("refine N=15 M=2", {"method": "refine", "add_eos_length": 15, "refine_iter": 2}),
+                ("refine N=63 M=3", {"method": "refine", "add_eos_length": 63, "refine_iter": 3}),
+                ("refine verify N=15", {"method": "refine", "add_eos_length": 15, "verify": True})]),
+    "interleaved B=4": ({"mode": "interleaved", "block_size": 4},
+                        [(f"blockwise t={t}", {"method": "blockwise", "threshold": t}) for t in (0.5, 0.7, 0.9)] +
+                        [("blockwise verify", {"method": "blockwise", "verify": True, "draft_tree": False}),
+                         ("blockwise verify tree", {"method": "blockwise", "verify": True})]),
+    "interleaved B=8": ({"mode": "interleaved", "block_size": 8},
+                        [("blockwise t=0.9", {"method": "blockwise", "threshold": 0.9}),
+                         ("blockwise verify", {"method": "blockwise", "verify": True, "draft_tree": False})]),
+    "diffusion": ({"mode": "diffusion", "gen_length": 80},
+                  [(f"diffusion {a} steps={s}", {"method": "diffusion", "alg": a, "steps": s, "max_new_tokens": 80})
+                   for a in ("origin", "maskgit_plus", "topk_margin", "entropy") for s in (80, 40, 20)] +
+                  [("diffusion entropy t=0.9", {"method": "diffusion", "alg": "entropy", "dthreshold": 0.9,
+                                                "max_new_tokens": 80}),
+                   ("diffusion entropy block=16", {"method": "diffusion", "alg": "entropy", "block_length": 16,
+                                                   "max_new_tokens": 80})]),
+}
+LENGTH = {"interleaved B=4": 384, "interleaved B=8": 384, "diffusion": 384}   # rows hold slots / pads too
+
+
+class SavedBytes:
+    """Peak bytes autograd holds for backward (CPU stand-in for peak memory)."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def pack(self, t):
+        box = type("Box", (), {})()
+        box.t, n = t, t.numel() * t.element_size()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(box, self._free, n)
+        return box
+
+    def _free(self, n):
+        self.live -= n
+
+    def unpack(self, box):
+        return box.t
+
+
+def train_config(b, data_dir, out, name, overrides):
+    args = {k: v for k, v in PRESETS["quick" if b.quick else "full"].items() if k != "toy_rows"}
+    args.update(data_dir=data_dir, out_dir=out, max_length=LENGTH.get(name, 256), eval_interval=0,
+                log_interval=10 ** 9, save_interval=10 ** 9, device=b.device, **overrides)
+    c = configure(defaults_from(vars(train)), [f"--{k}={v}" for k, v in args.items()])
+    return c
+
+
+def time_training(b, data_dir, tmp):
+    """Step time, data tokens/s and memory of each mode on the same examples (batch_size rows of sft)."""
+    out = {}
+    for name, (overrides, _) in RUNS.items():
+        c = train_config(b, data_dir, os.path.join(tmp, "timing"), name, overrides)
+        train.resolve(c, 1)
+        meta = json.load(open(os.path.join(data_dir, "meta.json")))
+        c.eos_id, c.mask_id = meta["eos_id"], meta["mask_id"]
+        shards = train.Shards(data_dir, "train")
+        batches = train.Batches(shards, c, 1, 0)
+        n_ex = 3 * c.batch_size   # the same examples for every mode, packed by its own layout
+        rows = train.pack_rows(batches.lengths[:n_ex], c.max_length, True, np.random.default_rng(0))
+        batch = batches.build(rows)
+        data_tokens = int(sum(shards.index[i][2] for i in range(n_ex)))
+        torch.manual_seed(0)
+        model = train.build_model(c, meta).to(c.device).set_backend("flex" if "cuda" in c.device else "sdpa")
+        opt = train.make_optimizer(model, c)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in c.device else nullcontext()
+        times, meter = [], SavedBytes()
+        if "cuda" in c.device:
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(3 + b.time_steps):
+            sync(c.device)
+            t0 = time.perf_counter()
+            with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+                train.train_step(model, [(0, batch)], c, 1, i, autocast)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(c.device)
+            times.append(time.perf_counter() - t0)
+        dt = statistics.median(times[3:])
+        mem = torch.cuda.max_memory_allocated() if "cuda" in c.device else meter.peak
+        rec = {"step_s": dt, "data_tokens_per_s": data_tokens / dt, "memory_mb": mem / 2 ** 20,
+               "row_tokens": int(batch["idx"].numel())}
+        if "cuda" in c.device:   # 6 N flops per token for the matmuls, attention left out (small here)
+            rec["mfu"] = 6 * model.num_params() * int((batch["doc"] >= 0).sum()) * (
+                overrides.get("num_iterations", 1) + (1 if overrides.get("ar_loss_weight") else 0)) / dt / b.peak_flops
+        out[name] = rec
+    for rec in out.values():
+        rec["step_ratio"] = rec["step_s"] / out["sft"]["step_s"]
+        rec["memory_ratio"] = rec["memory_mb"] / out["sft"]["memory_mb"]
+    return out
+
+
+def sync(dev):
+    if "cuda" in dev:
+        torch.cuda.synchronize()
+
+
+def padding(data_dir, b):
+    """Padding fraction of an sft epoch, packed vs one example per row (padded to the batch's longest)."""
+    c = train_config(b, data_dir, "", "sft", {})
+    train.resolve(c, 1)
+    lengths = train.Batches(train.Shards(data_dir, "train"), c, 1, 0).lengths
+    packed = train.pack_rows(lengths, c.max_length, True, np.random.default_rng(0))
+    pad_packed = 1 - lengths.sum() / (len(packed) * c.max_length)
+    order = np.random.default_rng(0).permutation(len(lengths))
+    groups = [order[i:i + c.batch_size] for i in range(0, len(order), c.batch_size)]
+    pad_padded = 1 - lengths.sum() / sum(len(g) * lengths[g].max() for g in groups)
+    return {"packed": float(pad_packed), "padded": float(pad_padded)}
+
+
+def decode_all(b, data_dir, tmp):
+    out = {}
+    for name, (overrides, decoders) in RUNS.items():
+        run_dir = os.path.join(tmp, name.replace(" ", "_").replace("=", ""))
+        t0 = time.time()
+        train.train(train_config(b, data_dir, run_dir, name, overrides))
+        print(f"trained {name} in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        model, info, tok = generate.load(run_dir, b.device)
+        items = generate.load_prompts(gen_config(b, data=os.path.join(data_dir, "val.jsonl"), limit=b.eval_n), info)
+        ar = {bs: measure(b, model, info, tok, items, {}, bs) for bs in (1, 8)} if info["mode"] != "diffusion" else None
+        rows = {"ar": ar} if ar else {}
+        for label, kw in decoders:
+            if label != "ar":
+                rows[label] = {bs: measure(b, model, info, tok, items, kw, bs) for bs in (1, 8)}
+        for label, r in rows.items():
+            for bs in (1, 8):
+                if ar:
+                    r[bs]["speedup_vs_ar"] = r[bs]["speed_tokens_per_second"] / ar[bs]["speed_tokens_per_second"]
+        out[name] = rows
+    return out
+
+
+def gen_config(b, **kw):
+    args = {"device": b.device, "quiet": True, "max_new_tokens": 80, **kw}
+    return configure({**defaults_from(vars(generate)), **generate.EXTRA}, [f"--{k}={v}" for k, v in args.items()])
+
+
+def measure(b, model, info, tok, items, kw, bs):
+    """Accuracy and tokens per forward on eval_n problems (batch 8 only); tokens/s on speed_n."""
+    c = gen_config(b, batch_size=bs, **kw)
+    g = torch.Generator(device=b.device).manual_seed(0)
+    rec = {}
+    if bs == 8:
+        _, s = generate.evaluate(model, info, tok, c, items, g)
+        rec.update(accuracy=s.get("accuracy"), tokens_per_forward=s["tokens_per_forward"])
+    generate.evaluate(model, info, tok, c, items[:2], g)   # warm-up
+    _, s = generate.evaluate(model, info, tok, c, items[:b.speed_n], g)
+    rec["speed_tokens_per_second"] = s["tokens_per_second"]
+    rec.setdefault("tokens_per_forward", s["tokens_per_forward"])
+    return rec
+
+
+def tables(res):
+    lines = ["| mode | step time | vs sft | data tokens/s | memory MB | vs sft |" +
+             (" MFU |" if "mfu" in res["training"]["sft"] else ""),
+             "| --- | --- | --- | --- | --- | --- |" + (" --- |" if "mfu" in res["training"]["sft"] else "")]
+    for name, r in res["training"].items():
+        lines.append(f"| {name} | {1000 * r['step_s']:.1f} ms | {r['step_ratio']:.2f}x | {r['data_tokens_per_s']:,.0f} "
+                     f"| {r['memory_mb']:.1f} | {r['memory_ratio']:.2f}x |" + (f" {100 * r['mfu']:.1f}% |" if "mfu" in r else ""))
+    p = res["padding"]
+    lines += ["", f"Padding, sft epoch: packed {100 * p['packed']:.1f}%, one example per row {100 * p['padded']:.1f}%", "",
+              "| trained | decoder | accuracy | tokens/forward | tok/s b=1 | vs ar b=1 | tok/s b=8 | vs ar b=8 |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, rows in res["decoding"].items():
+        for label, r in rows.items():
+            acc = r[8]["accuracy"]
+            vs = lambda bs: f"{r[bs]['speedup_vs_ar']:.2f}x" if "speedup_vs_ar" in r[bs] else "-"
+            lines.append(f"| {name} | {label} | {100 * acc:.1f}% | {r[8]['tokens_per_forward']:.2f} | "
+                         f"{r[1]['speed_tokens_per_second']:,.0f} | {vs(1)} | {r[8]['speed_tokens_per_second']:,.0f} | {vs(8)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    b = configure(defaults_from(globals()), [a if a != "--quick" else "--quick=True" for a in (argv or sys.argv[1:])])
+    if b.quick:
+        b.eval_n, b.speed_n, b.time_steps = 16, 8, 2
+        for name, (_, decoders) in RUNS.items():   # one decoder per trained mode keeps it short
+            del decoders[1:]
+    tmp = b.out_dir or tempfile.mkdtemp(prefix="bench-")
+    data_dir = os.path.join(tmp, "data")
+    preset = PRESETS["quick" if b.quick else "full"]
+    prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={data_dir}", f"--toy_rows={preset['toy_rows']}"]))
+    t0 = time.time()
+    res = {"preset": "quick" if b.quick else "full", "device": b.device, "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "training": time_training(b, data_dir, tmp),
+           "padding": padding(data_dir, b), "decoding": decode_all(b, data_dir, tmp)}
+    res["seconds"] = round(time.time() - t0, 1)
+    print(tables(res))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    cli(main)
