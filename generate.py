@@ -83,8 +83,9 @@ def load_info(ckpt):
 def load(init_from, device="cpu", dtype=torch.float32):
     ckpt = find_checkpoint(init_from)
     info = load_info(ckpt)
-    model = from_pretrained(ckpt, device=device, dtype=dtype).eval()
-    model.set_backend("flex" if str(device).startswith("cuda") else "sdpa")
+    # decoding forwards are a few tokens against the cache and change shape every step: a dense
+    # mask is cheap there, while a compiled FlexAttention kernel would recompile for each length
+    model = from_pretrained(ckpt, device=device, dtype=dtype).eval().set_backend("sdpa")
     return model, info, Tokenizer(info["tokenizer_path"])
 
 
