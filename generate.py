@@ -433,7 +433,8 @@ def choose(logits, n_unmask, c, generator):
         return x0, pick | (p >= c.dthreshold)
     n = min(n_unmask, N)
     if c.alg == "origin":   # random positions, as Dream's origin / LLaDA's random remasking
-        order = torch.randperm(N, generator=generator, device="cpu")[:n].to(logits.device)
+        gdev = generator.device if generator is not None else logits.device
+        order = torch.randperm(N, generator=generator, device=gdev)[:n].to(logits.device)
     else:
         conf = confidence(probs, x0, c.alg)
         if c.alg_temp > 0:

@@ -110,6 +110,11 @@ def dense_mask(mask_mod, B, T, S, device):
     return mask_mod(b, torch.zeros_like(b), q, kv).expand(B, 1, T, S)
 
 
+def pick_backend(cfg, device):
+    """FlexAttention where it is fast (compiled, CUDA; Inductor needs head_dim >= 16), else SDPA."""
+    return "flex" if str(device).startswith("cuda") and cfg.head_dim >= 16 else "sdpa"
+
+
 _compiled_flex = None
 
 

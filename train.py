@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from configurator import UserError, configure, cli, defaults_from, print_config
 from model import (ModelConfig, Transformer, bidirectional_mask, causal_mask, from_pretrained, interleaved_mask,
-                   pad_vocab, save_pretrained)
+                   pad_vocab, pick_backend, save_pretrained)
 from prepare import Tokenizer
 
 # I/O
@@ -452,6 +452,8 @@ def build_model(c, meta):
         raise UserError(f"init_from=resume: no checkpoint in {c.out_dir}")
     if not os.path.isdir(path):
         raise UserError(f"init_from={path}: no such folder")
+    if not os.path.isfile(os.path.join(path, "config.json")) and latest_checkpoint(path):
+        path = latest_checkpoint(path)   # another run's out_dir: start from its newest checkpoint
     info_file = os.path.join(path, "info.json")
     if c.init_from != "resume" and not os.path.isfile(info_file):
         hf_tok = os.path.abspath(path)
@@ -666,7 +668,7 @@ def train(c):
     raw = build_model(c, meta)
     check_compatible(c, meta, raw)
     raw.gradient_checkpointing = c.gradient_checkpointing
-    raw.set_backend("flex" if c.device.startswith("cuda") else "sdpa")
+    raw.set_backend(pick_backend(raw.config, c.device))
     raw.to(c.device)
     model = wrap(raw, c, world)
     opt = make_optimizer(model, c)
