@@ -53,6 +53,14 @@ RUNS = {  # trained mode -> (train overrides, [(decoder label, generate override
     "interleaved B=8": ({"mode": "interleaved", "block_size": 8},
                         [("blockwise t=0.9", {"method": "blockwise", "threshold": 0.9}),
                          ("blockwise verify", {"method": "blockwise", "verify": True, "draft_tree": False})]),
+    "diffusion shift from sft": ({"mode": "diffusion", "gen_length": 80, "shift": True, "init_from": "{sft}",
+                                  "learning_rate": 1e-3},
+                                 [("diffusion entropy steps=80", {"method": "diffusion", "alg": "entropy", "steps": 80,
+                                                                  "max_new_tokens": 80}),
+                                  ("diffusion entropy steps=20", {"method": "diffusion", "alg": "entropy", "steps": 20,
+                                                                  "max_new_tokens": 80}),
+                                  ("diffusion entropy block=16", {"method": "diffusion", "alg": "entropy",
+                                                                  "block_length": 16, "max_new_tokens": 80})]),
     "diffusion": ({"mode": "diffusion", "gen_length": 80},
                   [(f"diffusion {a} steps={s}", {"method": "diffusion", "alg": a, "steps": s, "max_new_tokens": 80})
                    for a in ("origin", "maskgit_plus", "topk_margin", "entropy") for s in (80, 40, 20)] +
@@ -62,6 +70,10 @@ RUNS = {  # trained mode -> (train overrides, [(decoder label, generate override
                                                    "max_new_tokens": 80})]),
 }
 LENGTH = {"interleaved B=4": 384, "interleaved B=8": 384, "diffusion": 384}   # rows hold slots / pads too
+
+
+def run_dir(tmp, name):
+    return os.path.join(tmp, name.replace(" ", "_").replace("=", ""))
 
 
 class SavedBytes:
@@ -97,6 +109,8 @@ def time_training(b, data_dir, tmp):
     """Step time, data tokens/s and memory of each mode on the same examples (batch_size rows of sft)."""
     out = {}
     for name, (overrides, _) in RUNS.items():
+        if "init_from" in overrides:   # the same step as its mode's scratch run
+            continue
         c = train_config(b, data_dir, os.path.join(tmp, "timing"), name, overrides)
         train.resolve(c, 1)
         meta = json.load(open(os.path.join(data_dir, "meta.json")))
@@ -159,11 +173,17 @@ def padding(data_dir, b):
 def decode_all(b, data_dir, tmp):
     out = {}
     for name, (overrides, decoders) in RUNS.items():
-        run_dir = os.path.join(tmp, name.replace(" ", "_").replace("=", ""))
-        t0 = time.time()
-        train.train(train_config(b, data_dir, run_dir, name, overrides))
-        print(f"trained {name} in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-        model, info, tok = generate.load(run_dir, b.device)
+        out_run = run_dir(tmp, name)
+        overrides = {k: v.format(sft=run_dir(tmp, "sft")) if isinstance(v, str) else v for k, v in overrides.items()}
+        c = train_config(b, data_dir, out_run, name, overrides)
+        final = os.path.join(out_run, f"ckpt_{c.max_iters:07d}")
+        if os.path.isdir(final):   # a finished run from an earlier invocation with this out_dir
+            print(f"reusing {final}", file=sys.stderr, flush=True)
+        else:
+            t0 = time.time()
+            train.train(c)
+            print(f"trained {name} in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        model, info, tok = generate.load(out_run, b.device)
         items = generate.load_prompts(gen_config(b, data=os.path.join(data_dir, "val.jsonl"), limit=b.eval_n), info)
         ar = {bs: measure(b, model, info, tok, items, {}, bs) for bs in (1, 8)} if info["mode"] != "diffusion" else None
         rows = {"ar": ar} if ar else {}

@@ -457,7 +457,7 @@ def denoise_step(logits, canvas, lo, hi, k, c, info, generator):
     masked = (region == info["mask_id"]).nonzero()[:, 0]
     if len(masked) == 0:
         return
-    x0, pick = choose(clean_logits(logits[masked], info), k, c, generator)
+    x0, pick = choose(clean_logits(logits[lo:hi][masked], info), k, c, generator)
     region[masked[pick]] = x0[pick]
 
 

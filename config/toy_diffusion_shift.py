@@ -6,3 +6,4 @@ out_dir = "out/toy_diffusion_shift"
 init_from = "out/toy"
 shift = True
 learning_rate = 1e-3
+max_length = 256       # the sft run's positions; a diffusion row here is prompt + 80
