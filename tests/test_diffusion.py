@@ -142,3 +142,25 @@ def test_cached_blocks_equal_uncached(kw, shift):
     assert cached == decode_blocks(m, prompts, dcfg(**kw), info, reference=True)
     for p, got in zip(prompts, cached):   # batch = single row
         assert decode_blocks(m, [p], dcfg(**kw), info) == [got]
+
+
+@torch.no_grad()
+def test_single_canvas_matches_a_slow_loop():
+    """The one-canvas sampler (maskgit_plus, one token per step) against the rule written out:
+    each step, over all masked canvas positions, unmask the one whose argmax is most probable."""
+    m = tiny_model(5).eval()
+    with torch.no_grad():
+        m.embed_tokens.weight.mul_(30)
+    prompts, G = [[5, 6, 7, 8], [9, 10]], 6
+    got = decode_diffusion(m, prompts, dcfg(max_new_tokens=G), INFO)
+    for p, (ids, forwards) in zip(prompts, got):
+        seq = p + [MASK] * G
+        for _ in range(G):
+            probs = torch.softmax(m(torch.tensor([seq]), None, bidirectional_mask(torch.zeros(1, len(seq), dtype=torch.long)))[0], -1)
+            probs[:, 258:] = 0
+            probs[:, MASK] = 0
+            best = max((i for i in range(len(p), len(seq)) if seq[i] == MASK), key=lambda i: float(probs[i].max()))
+            seq[best] = int(probs[best].argmax())
+        want = seq[len(p):]
+        want = want[:want.index(EOS) + 1] if EOS in want else want
+        assert ids == want and forwards == G
