@@ -73,6 +73,8 @@ grad_clip = 1.0
 # evaluation, logging, checkpoints
 eval_interval = 250
 eval_iters = 10
+eval_only = False             # evaluate init_from on the validation split and exit (per-slot
+                              # teacher-forced accuracy for interleaved: the seed's diagnostic)
 log_interval = 10
 save_interval = 500
 keep_last = 2
@@ -687,6 +689,9 @@ def train(c):
         os.makedirs(c.out_dir, exist_ok=True)
         print(f"{raw.num_params():,} parameters, {len(train_data):,} train / {len(val_data):,} val examples, "
               f"{train_b.steps_per_epoch()} steps per epoch", flush=True)
+    if c.eval_only:
+        logger.eval(step, evaluate(model, val_b, c, world, rank, autocast))
+        return raw
     model.train()
     while step < c.max_iters:
         lr = get_lr(step, c)

@@ -133,3 +133,12 @@ def test_bad_input_fails_cleanly(toy_data, tmp_path):
                   "beyond the model's 512 positions"))
     for args, needle in cases:
         assert_clean_error(run_script("train.py", *base, *args), needle)
+
+
+def test_eval_only_reports_per_slot_accuracy_and_writes_nothing(toy_data, tmp_path):
+    run_train(toy_data, tmp_path / "run", "--max_iters=2", "--mode=interleaved", "--max_length=256")
+    p = run_train(toy_data, tmp_path / "eval", "--mode=interleaved", "--max_length=256", "--eval_only=True",
+                  f"--init_from={tmp_path / 'run'}", "--eval_iters=2")
+    line = [l for l in p.stdout.splitlines() if " val " in l][-1]
+    assert "acc_slot0" in line and "acc_slot2" in line
+    assert not [d for d in os.listdir(tmp_path / "eval") if d.startswith("ckpt_")]
