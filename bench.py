@@ -76,15 +76,20 @@ def run_dir(tmp, name):
     return os.path.join(tmp, name.replace(" ", "_").replace("=", ""))
 
 
+class Box:
+    def __init__(self, t):
+        self.t = t
+
+
 class SavedBytes:
-    """Peak bytes autograd holds for backward (CPU stand-in for peak memory)."""
+    """Peak bytes autograd holds for backward (the CPU stand-in for peak memory): saved-tensor
+    hooks count what is packed; a finalizer uncounts it when the graph is freed."""
 
     def __init__(self):
         self.live = self.peak = 0
 
     def pack(self, t):
-        box = type("Box", (), {})()
-        box.t, n = t, t.numel() * t.element_size()
+        box, n = Box(t), t.numel() * t.element_size()
         self.live += n
         self.peak = max(self.peak, self.live)
         weakref.finalize(box, self._free, n)

@@ -32,3 +32,14 @@ def shared_data(*parts):
     if not os.path.exists(path):
         pytest.skip(f"{path} is absent (shared data lives beside the repo, not in it)")
     return path
+
+
+class Recorder:
+    """Wraps a model and records the token ids of every forward (to check what a loss fed it)."""
+
+    def __init__(self, m):
+        self.m, self.inputs = m, []
+
+    def __call__(self, idx, *a, **kw):
+        self.inputs.append(idx.clone())
+        return self.m(idx, *a, **kw)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import train
+from conftest import Recorder
 from configurator import configure, defaults_from
 from generate import choose, decode_blocks, decode_diffusion
 from model import ModelConfig, Transformer, bidirectional_mask
@@ -31,15 +32,6 @@ def batch(c):
     rng = np.random.default_rng(1)
     rows = [[train.diffusion_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in ((5, 7), (3, 4))]]
     return train.collate(rows, 40, EOS)
-
-
-class Recorder:
-    def __init__(self, m):
-        self.m, self.inputs = m, []
-
-    def __call__(self, idx, *a, **kw):
-        self.inputs.append(idx.clone())
-        return self.m(idx, *a, **kw)
 
 
 @pytest.mark.parametrize("weighting", ["original", "linear", "cart"])

@@ -1,5 +1,4 @@
 """mode=refine and --method=refine: label alignment, per-iteration backward, exact decoding."""
-import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,6 +7,8 @@ import torch
 
 import prepare
 import train
+from bench import SavedBytes
+from conftest import Recorder
 from configurator import configure, defaults_from
 from generate import decode_ar, decode_refine, reference_refine
 from model import ModelConfig, Transformer
@@ -33,16 +34,6 @@ def cfg(**kw):
     c = configure(defaults_from(vars(train)), [f"--{k}={v}" for k, v in kw.items()])
     c.eos_id, c.step = EOS, 0
     return c
-
-
-class Recorder:
-    """Wraps a model and records the token ids of every forward."""
-    def __init__(self, m):
-        self.m, self.inputs = m, []
-
-    def __call__(self, idx, *a, **kw):
-        self.inputs.append(idx.clone())
-        return self.m(idx, *a, **kw)
 
 
 def run_loss(m, b, c, backward=lambda l, final: l.backward(), seed=0):
@@ -78,31 +69,6 @@ def test_one_iteration_without_noise_is_sft():
         sft = train.sft_loss(m, b, c, None, norm, lambda l, final: None)["loss"]
         ref = run_loss(m, b, c, backward=lambda l, final: None)["loss"]
     assert sft == ref
-
-
-class Box:
-    def __init__(self, t):
-        self.t = t
-
-
-class SavedBytes:
-    """Peak bytes held by autograd for backward (saved-tensor hooks; freed with the graph)."""
-    def __init__(self):
-        self.live = self.peak = 0
-
-    def pack(self, t):
-        box = Box(t)
-        n = t.numel() * t.element_size()
-        self.live += n
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(box, self._free, n)
-        return box
-
-    def _free(self, n):
-        self.live -= n
-
-    def unpack(self, box):
-        return box.t
 
 
 def test_per_iteration_backward_same_gradients_less_memory():
