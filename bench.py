@@ -16,6 +16,7 @@ import tempfile
 import time
 import weakref
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ eval_n = 300             # held-out problems decoded at batch 8 (accuracy)
 speed_n = 40             # problems decoded at batch 1 and 8 for the wall-clock ratios
 time_steps = 10          # timed training steps per mode (after 3 warm-up steps)
 peak_flops = 989e12      # bf16 dense peak of an H100 SXM, for MFU on CUDA
+gsm8k = "../shared/data/gsm8k/train.jsonl"   # for prepare.py's throughput (skipped when absent)
 
 PRESETS = {  # model, data and budget; every mode gets the same
     "full": dict(toy_rows=20000, n_layer=4, n_head=4, n_kv_head=4, n_embd=128, max_iters=600, batch_size=16,
@@ -223,6 +225,50 @@ def measure(b, model, info, tok, items, kw, bs):
     return rec
 
 
+def hf_generate_speed(n=256, reps=3):
+    """stories260K greedy decoding, 256 tokens from "Once upon a time": our KV cache vs
+    transformers' generate, same process, same threads; medians of interleaved repeats."""
+    import transformers
+    from model import from_pretrained
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "stories260K")
+    ids = transformers.AutoTokenizer.from_pretrained(path)("Once upon a time", return_tensors="pt").input_ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    ours = from_pretrained(path).eval()
+    c = gen_config(SimpleNamespace(device="cpu"), max_new_tokens=n)
+    info = {"eos_ids": [], "vocab_size": 512, "mask_id": 512}
+    runs = {"ours": lambda: generate.decode_ar(ours, [ids[0].tolist()], c, info),
+            "hf": lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)}
+    times = {k: [] for k in runs}
+    for _ in range(reps + 1):
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    tps = {k: n / statistics.median(v[1:]) for k, v in times.items()}
+    return {"ours_tokens_per_s": tps["ours"], "hf_tokens_per_s": tps["hf"], "ratio": tps["ours"] / tps["hf"]}
+
+
+def prepare_speed(path, tmp):
+    """prepare.py's tokens/s on GSM8K train vs the bare tiktoken batch encoder on the same texts."""
+    if not os.path.isfile(path):
+        return None
+    rows = [json.loads(l) for l in open(path)]
+    tok = prepare.Tokenizer("gpt2")
+    texts = [t for r in rows for t in prepare.row_texts(tok, r, "question", "answer", "")]
+    bare, prep = [], []
+    for i in range(3):
+        t0 = time.perf_counter()
+        n = sum(len(x) for x in tok.enc.encode_ordinary_batch(texts))
+        bare.append(n / (time.perf_counter() - t0))
+        c = configure(defaults_from(vars(prepare)), [f"--input={path}", f"--out_dir={tmp}/gsm8k{i}", "--tokenizer=gpt2",
+                                                    "--prompt_key=question", "--response_key=answer", "--max_length=1024"])
+        t0 = time.perf_counter()
+        meta = prepare.prepare(c)
+        prep.append(sum(s["tokens"] for s in meta["splits"].values()) / (time.perf_counter() - t0))
+    return {"bare_tokens_per_s": statistics.median(bare), "prepare_tokens_per_s": statistics.median(prep),
+            "ratio": statistics.median(prep) / statistics.median(bare)}
+
+
 def tables(res):
     lines = ["| mode | step time | vs sft | data tokens/s | memory MB | vs sft |" +
              (" MFU |" if "mfu" in res["training"]["sft"] else ""),
@@ -257,8 +303,17 @@ def main(argv=None):
     res = {"preset": "quick" if b.quick else "full", "device": b.device, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "training": time_training(b, data_dir, tmp),
            "padding": padding(data_dir, b), "decoding": decode_all(b, data_dir, tmp)}
+    res["hf_generate"] = hf_generate_speed()
+    res["prepare_gsm8k"] = prepare_speed(b.gsm8k, tmp)
     res["seconds"] = round(time.time() - t0, 1)
     print(tables(res))
+    h = res["hf_generate"]
+    print(f"\nstories260K greedy decoding: ours {h['ours_tokens_per_s']:,.0f} tok/s, transformers generate "
+          f"{h['hf_tokens_per_s']:,.0f} tok/s ({h['ratio']:.2f}x)")
+    if res["prepare_gsm8k"]:
+        p = res["prepare_gsm8k"]
+        print(f"prepare.py on GSM8K: {p['prepare_tokens_per_s']:,.0f} tok/s, bare tokenizer "
+              f"{p['bare_tokens_per_s']:,.0f} tok/s ({p['ratio']:.2f})")
     print(json.dumps(res))
 
 

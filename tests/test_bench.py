@@ -1,0 +1,22 @@
+"""bench.py --quick: the smoke run CI does, and the fields its JSON line must carry."""
+import json
+
+from conftest import run_script
+
+
+def test_bench_quick_json_has_every_field():
+    p = run_script("bench.py", "--quick")
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert set(res["training"]) == {"sft", "refine", "interleaved B=4", "interleaved B=8", "diffusion"}
+    for r in res["training"].values():
+        assert {"step_s", "data_tokens_per_s", "memory_mb", "step_ratio", "memory_ratio"} <= set(r)
+    assert 0 <= res["padding"]["packed"] < 1 and 0 <= res["padding"]["padded"] < 1
+    for name, rows in res["decoding"].items():
+        for label, r in rows.items():
+            for bs in ("1", "8"):
+                assert {"tokens_per_forward", "speed_tokens_per_second"} <= set(r[bs]), (name, label)
+            assert "accuracy" in r["8"]
+            if name not in ("diffusion", "diffusion shift from sft"):
+                assert "speedup_vs_ar" in r["1"] and "speedup_vs_ar" in r["8"]
+    assert res["hf_generate"]["ratio"] > 0
