@@ -123,3 +123,19 @@ def test_cached_equals_reference_and_batch_equals_single(trained, kw):
     batched = decode_refine(m, prompts[:6], dcfg(**kw), info)
     for p, got in zip(prompts[:6], batched):
         assert got == decode_refine(m, [p], dcfg(**kw), info)[0] == reference_refine(m, p, dcfg(**kw), info)
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "linear", "cosine"])
+def test_noise_schedules_move_the_upper_end(schedule):
+    b = batch(8)
+    c = cfg(mode="refine", noise_min=0.2, noise_max=0.8, noise_schedule=schedule, max_iters=100)
+    hi = {}
+    for step in (0, 50, 100):
+        r_doc, _ = train.noise_ratio(b, c, torch.Generator().manual_seed(0), step)
+        assert (r_doc >= 0.2 - 1e-6).all()
+        hi[step] = float(r_doc.max())
+    if schedule == "uniform":
+        assert hi[0] == hi[50] == hi[100] > 0.5
+    else:   # from noise_min at the start to the full range at the end (both ramps are half-way at 50%)
+        assert hi[0] == pytest.approx(0.2) and hi[100] > 0.5 and hi[0] < hi[50] < hi[100]
+        assert hi[50] <= 0.2 + 0.6 * 0.5 + 1e-6
