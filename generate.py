@@ -468,7 +468,7 @@ def decode_diffusion(model, prompts, c, info, generator=None):
     left to right, block-causal attention, finished blocks in the KV cache (see decode_blocks)."""
     if c.block_length:
         return decode_blocks(model, prompts, c, info, generator)
-    G, n, dev, mask_id = c.max_new_tokens, len(prompts), model.lm_head.weight.device, info["mask_id"]
+    G, dev, mask_id = c.max_new_tokens, model.lm_head.weight.device, info["mask_id"]
     steps = c.steps or G
     rows = [list(p) + [mask_id] * G for p in prompts]
     idx, lens = right_pad(rows, info["eos_id"], dev)

@@ -9,7 +9,7 @@ import prepare
 import train
 from configurator import configure, defaults_from
 from generate import decode_ar, decode_blockwise, reference_blockwise
-from model import KVCache, ModelConfig, Transformer, causal_mask, dense_mask, interleaved_mask
+from model import KVCache, ModelConfig, Transformer, dense_mask, interleaved_mask
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 MASK, EOS = 257, 256

@@ -1,6 +1,5 @@
 """model.py against transformers on real and random weights, masks dense vs Flex, the KV cache."""
 import json
-import os
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """train.py: stored losses, exact resume, DDP/FSDP2 = single process, packing, export, bad input."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
