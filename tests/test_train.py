@@ -141,3 +141,10 @@ def test_eval_only_reports_per_slot_accuracy_and_writes_nothing(toy_data, tmp_pa
     line = [l for l in p.stdout.splitlines() if " val " in l][-1]
     assert "acc_slot0" in line and "acc_slot2" in line
     assert not [d for d in os.listdir(tmp_path / "eval") if d.startswith("ckpt_")]
+
+
+def test_torch_compile_matches_eager(toy_data, tmp_path):
+    small = ["--max_iters=3", "--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=2"]
+    run_train(toy_data, tmp_path / "eager", *small)
+    run_train(toy_data, tmp_path / "compiled", *small, "--compile=True")
+    assert np.allclose(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), rtol=1e-4)
