@@ -58,3 +58,6 @@ def test_cli_errors(tiny_ckpt):
     assert_clean_error(run_script("generate.py", f"--init_from={tiny_ckpt}/out", "--prompt=x", "--method=beam"),
                        "unknown method 'beam'")
     assert_clean_error(run_script("generate.py", f"--init_from={tiny_ckpt}/out"), "exactly one of")
+    # a method that does not match how the checkpoint was trained says so
+    assert_clean_error(run_script("generate.py", f"--init_from={tiny_ckpt}/out", "--prompt=x", "--method=diffusion"),
+                       "cannot decode a checkpoint trained with mode=sft")
