@@ -203,13 +203,10 @@ def accept(clean_logits_row, slot_logits, drafts, c, eos, generator):
     the last verified token and after each of the m drafts; slot_logits (m+1, k, V) per group.
     Returns (accepted tokens, number of drafts accepted, next drafts)."""
     if c.verify:  # longest draft prefix that AR greedy agrees with, plus one token of its own
-        g = clean_logits_row.argmax(-1).tolist()
-        a = 0
-        while a < len(drafts) and drafts[a] == g[a] and g[a] not in eos:
-            a += 1
+        toks, a, _ = verify_draft(clean_logits_row, drafts, eos)
         if not c.draft_tree:  # only the all-accepted group was drafted
-            return drafts[:a] + [g[a]], a, slot_logits[0].argmax(-1).tolist() if a == len(drafts) else []
-        return drafts[:a] + [g[a]], a, slot_logits[a].argmax(-1).tolist()
+            return toks, a, slot_logits[0].argmax(-1).tolist() if a == len(drafts) else []
+        return toks, a, slot_logits[a].argmax(-1).tolist()
     first = int(sample(clean_logits_row[0], c.temperature, c.top_p, generator))
     out = [first]
     probs = torch.softmax(slot_logits[0], -1)
@@ -317,12 +314,13 @@ def causal_forward(model, cache, rows):
     return model(idx, cache=cache).float()
 
 
-def verify_draft(logits_row, draft):
-    """Jacobi step (CLLM): logits_row (m+1, V) follow the last verified token and each of the m
-    drafts. Accept the longest draft prefix greedy agrees with, plus greedy's own next token."""
+def verify_draft(logits_row, draft, eos):
+    """Speculative check (CLLM's Jacobi step, blockwise --verify): logits_row (m+1, V) follow the
+    last verified token and each of the m drafts. Accept the longest draft prefix greedy agrees
+    with (stopping at EOS), plus greedy's own next token; also return greedy's later predictions."""
     g = logits_row.argmax(-1).tolist()
     a = 0
-    while a < len(draft) and draft[a] == g[a]:
+    while a < len(draft) and draft[a] == g[a] and g[a] not in eos:
         a += 1
     return draft[:a] + [g[a]], a, g[a + 1:]
 
@@ -351,7 +349,7 @@ def decode_refine(model, prompts, c, info, generator=None):
         for b in live:
             v = len(verified[b])
             if c.verify:
-                toks, a, rest = verify_draft(logits[b, v - 1:v + N], drafts[b])
+                toks, a, rest = verify_draft(logits[b, v - 1:v + N], drafts[b], eos)
                 drafts[b] = (rest + [fill] * N)[:N]
             else:
                 toks, a = pick(logits[b, v - 1:v + N]), 0
@@ -383,7 +381,7 @@ def reference_refine(model, prompt, c, info):
     while True:
         L = len(seq)
         if c.verify:
-            toks, _, rest = verify_draft(run(seq + draft)[L - 1:L + N], draft)
+            toks, _, rest = verify_draft(run(seq + draft)[L - 1:L + N], draft, eos)
             draft, forwards = (rest + [fill] * N)[:N], forwards + 1
         else:
             toks = run(seq + [fill] * N)[L - 1:].argmax(-1).tolist()

@@ -585,8 +585,9 @@ def train_step(model, batches, c, world, step, autocast):
     """One optimizer step's forward/backward over this rank's micro-batches. Losses are sums
     divided by the global count of supervised tokens, times the world size (DDP and FSDP
     average gradients), so accumulation and data parallelism never reweight examples."""
-    norm = {k: v / world for k, v in global_counts([b for _, b in batches], c).items()}
-    metrics = {}
+    counts = global_counts([b for _, b in batches], c)
+    norm = {k: v / world for k, v in counts.items()}
+    metrics = {"supervised": counts["tgt"] + counts.get("slot", 0.0)}   # already global
     for j, (m, b) in enumerate(batches):
         gen = torch.Generator().manual_seed(c.seed * 1_000_003 + step * 4099 + m)
         c.step = step   # for schedules over training (refine's noise ratio)
@@ -727,12 +728,13 @@ class Logger:
                                     dir=c.out_dir)
 
     def step(self, step, metrics, lr, gnorm, batches, dt):
+        metrics = dict(metrics)
+        sup = metrics.pop("supervised")   # counted once, globally, before the forward
         tokens = sum(int((b["doc"] >= 0).sum()) for _, b in batches)
         slots = sum(b["doc"].numel() for _, b in batches)
-        sup = sum(sum(v for k, v in MODES[self.c.mode]["counts"](b, self.c).items() if k in ("tgt", "slot"))
-                  for _, b in batches)
-        t = all_reduce(torch.tensor([float(tokens), float(slots), float(sup)] +
+        t = all_reduce(torch.tensor([float(tokens), float(slots)] +
                                     [metrics[k] for k in sorted(metrics)], dtype=torch.float64)).tolist()
+        t.insert(2, sup)
         m = dict(zip(sorted(metrics), t[3:]))
         self.history.append({"step": step, **m})
         if self.rank != 0:
