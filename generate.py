@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from configurator import UserError, configure, cli, defaults_from, print_config
-from model import KVCache, bidirectional_mask, block_causal_mask, from_pretrained, interleaved_mask
+from model import (KVCache, bidirectional_mask, block_causal_mask, from_pretrained, interleaved_mask,
+                   load_lora_checkpoint)
 from prepare import Tokenizer, read_rows, row_texts
 
 init_from = "out/toy"      # a training out_dir, one checkpoint folder, or a Hugging Face model folder
@@ -85,7 +86,11 @@ def load(init_from, device="cpu", dtype=torch.float32):
     info = load_info(ckpt)
     # decoding forwards are a few tokens against the cache and change shape every step: a dense
     # mask is cheap there, while a compiled FlexAttention kernel would recompile for each length
-    model = from_pretrained(ckpt, device=device, dtype=dtype).eval().set_backend("sdpa")
+    if "lora" in info:   # adapters (gated ones included) applied to the base the checkpoint names
+        model = load_lora_checkpoint(ckpt, info, device, dtype)
+    else:
+        model = from_pretrained(ckpt, device=device, dtype=dtype)
+    model = model.eval().set_backend("sdpa")
     return model, info, Tokenizer(info["tokenizer_path"])
 
 

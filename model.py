@@ -7,9 +7,11 @@ Indices are *physical* positions in the row (cached tokens first, then the new o
 one rule serves training (no cache) and decoding (cache + new tokens) alike. The same
 mask_mod becomes a FlexAttention BlockMask (CUDA) or a dense boolean mask for SDPA (CPU).
 """
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, asdict, fields
 
@@ -185,9 +187,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, attend, cache=None):
+    def forward(self, x, rope, attend, cache=None, gate=None):
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).view(B, T, -1, self.head_dim).split(
+        q, k, v = project(self.qkv_proj, x, gate).view(B, T, -1, self.head_dim).split(
             [self.n_head, self.n_kv_head, self.n_kv_head], dim=2)          # (B, T, H|Hkv, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
@@ -196,7 +198,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(k, v)                   # (B, Hkv, S, D): cached + new
         y = attend(q, k, v)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), gate)
 
 
 class MLP(nn.Module):
@@ -205,9 +207,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.n_embd, 2 * cfg.intermediate_size, bias=False)  # HF gate_proj; up_proj
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
 
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x, gate=None):
+        g, up = project(self.gate_up_proj, x, gate).chunk(2, dim=-1)
+        return project(self.down_proj, F.silu(g) * up, gate)
 
 
 class Block(nn.Module):
@@ -218,9 +220,61 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, attend, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), rope, attend, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope, attend, cache=None, gate=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, attend, cache, gate)
+        return x + self.mlp(self.post_attention_layernorm(x), gate)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+# each HF projection name -> (submodule, our fused linear, slice index in its output)
+LORA_SLOTS = {"q": ("self_attn", "qkv_proj", 0), "k": ("self_attn", "qkv_proj", 1), "v": ("self_attn", "qkv_proj", 2),
+              "o": ("self_attn", "o_proj", 0), "gate": ("mlp", "gate_up_proj", 0), "up": ("mlp", "gate_up_proj", 1),
+              "down": ("mlp", "down_proj", 0)}
+
+
+def parse_lora_targets(targets):
+    """'all-linear', 'q,k,v', or a list of names from LORA_SLOTS -> a list in LORA_SLOTS order."""
+    if isinstance(targets, str):
+        targets = list(LORA_SLOTS) if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    bad = [t for t in targets if t not in LORA_SLOTS]
+    if bad or not targets:
+        raise UserError(f"lora_targets={targets!r}: expected 'all-linear' or names from {', '.join(LORA_SLOTS)}")
+    return [t for t in LORA_SLOTS if t in targets]
+
+
+class LoRA(nn.Module):
+    """
+    LoRA (Hu et al., arXiv 2106.09685) for one linear layer whose output may fuse several HF
+    projections (q|k|v, gate|up). Each targeted slice has its own A (r, in) and B (out, r), so the
+    adapters map one to one onto peft's per-projection ones; untargeted slices get no delta.
+    delta = alpha / r * B A dropout(x); B starts at zero, so the model is unchanged at step 0.
+    """
+
+    def __init__(self, in_features, slices, targets, rank, alpha, dropout):
+        super().__init__()
+        self.slices, self.scale, self.dropout = slices, alpha / rank, dropout    # slices: [(name, out)]
+        self.in_features = in_features
+        self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(rank, in_features)) for n, _ in slices if n in targets})
+        self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(o, rank)) for n, o in slices if n in targets})
+        for a in self.lora_A.values():   # peft's default: Kaiming-uniform A, zero B
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def forward(self, x):
+        x = F.dropout(x, self.dropout, self.training)
+        parts = [F.linear(F.linear(x, self.lora_A[n]), self.lora_B[n]) if n in self.lora_A
+                 else x.new_zeros(*x.shape[:-1], o) for n, o in self.slices]
+        return self.scale * (torch.cat(parts, -1) if len(parts) > 1 else parts[0])
+
+
+def project(linear, x, gate=None):
+    """linear(x) plus its LoRA delta where it has one; with gate (B, T, 1) only where gate is True
+    (gated LoRA: elsewhere the output is the frozen layer's, bit for bit)."""
+    y = linear(x)
+    lora = getattr(linear, "lora", None)
+    if lora is None:
+        return y
+    return y + lora(x) if gate is None else torch.where(gate, y + lora(x), y)
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -283,6 +337,8 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.backend = "sdpa"            # or "flex"; see set_backend
         self.gradient_checkpointing = False
+        self.lora_config = None          # set by add_lora
+        self.mask_embed = None           # LoRA runs: the trainable copy of the MASK embedding row
 
     def set_backend(self, backend):
         """Chosen once: 'flex' (BlockMask, compiled on CUDA) or 'sdpa' (dense boolean mask)."""
@@ -338,14 +394,72 @@ class Transformer(nn.Module):
         layer_caches, S = cache.layers(T) if cache is not None else ([None] * len(self.layers), T)
         attend = self._attend(mask_mod or causal_mask(), B, T, S, idx.device, start)
         x = self.embed_tokens(idx)
+        gate = None
+        if self.mask_embed is not None:
+            is_mask = (idx == self.lora_config["mask_id"])[..., None]           # (B, T, 1)
+            x = torch.where(is_mask, self.mask_embed.to(x.dtype), x)
+            gate = is_mask if self.lora_config["gated"] else None
         rope = rope_tables(self.inv_freq, pos, x.dtype)
         for layer, lc in zip(self.layers, layer_caches):
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, rope, attend, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, attend, None, gate, use_reentrant=False)
             else:
-                x = layer(x, rope, attend, lc)
+                x = layer(x, rope, attend, lc, gate)
         x = self.norm(x)
         return self.lm_head(x if select is None else x[select])
+
+    def add_lora(self, rank, alpha, dropout=0.0, targets="all-linear", mask_id=None, gated=False):
+        """Freeze every weight and add LoRA adapters to the targeted projections. mask_id: the
+        MASK token a mode adds; its embedding row is trained (as mask_embed, a copy). gated: the
+        deltas apply only where the input token is mask_id (Apple's gated LoRA, arXiv 2507.11851),
+        so every other position computes exactly the frozen model."""
+        if gated and mask_id is None:
+            raise UserError("gated LoRA needs the MASK token id (mode=interleaved)")
+        targets = parse_lora_targets(targets)
+        cfg = self.config
+        sizes = {"q": cfg.n_head * cfg.head_dim, "k": cfg.n_kv_head * cfg.head_dim, "v": cfg.n_kv_head * cfg.head_dim,
+                 "o": cfg.n_embd, "gate": cfg.intermediate_size, "up": cfg.intermediate_size, "down": cfg.n_embd}
+        self.requires_grad_(False)
+        for layer in self.layers:
+            for sub, name in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj")):
+                lin = getattr(getattr(layer, sub), name)
+                slices = [(n, sizes[n]) for n, (s, f, _) in LORA_SLOTS.items() if (s, f) == (sub, name)]
+                if any(n in targets for n, _ in slices):
+                    lin.lora = LoRA(lin.in_features, slices, targets, rank, alpha, dropout).to(lin.weight.device, lin.weight.dtype)
+        if mask_id is not None:
+            self.mask_embed = nn.Parameter(self.embed_tokens.weight[mask_id].detach().clone())
+        self.lora_config = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets,
+                            "mask_id": mask_id, "gated": gated}
+        return self
+
+    def lora_state(self):
+        """The trainable tensors of a LoRA model: adapters and the MASK row."""
+        return {k: v for k, v in self.state_dict().items() if ".lora." in k or k == "mask_embed"}
+
+    @torch.no_grad()
+    def merged_state(self, sd=None):
+        """Full weights with the adapters merged in (W + alpha/r B A, slice by slice) and the MASK
+        row written into the embedding: a plain model. `sd`: a full state dict gathered from a
+        sharded model (default: this one's). Gated adapters apply at MASK positions only, which
+        no weight can express, so they are refused."""
+        if self.lora_config["gated"]:
+            raise UserError("gated LoRA adapters cannot be merged into the weights (they apply at MASK slots only)")
+        sd = sd or self.state_dict()
+        out = {k: v for k, v in sd.items() if ".lora." not in k and k != "mask_embed"}
+        for name, mod in self.named_modules():
+            if isinstance(mod, LoRA):
+                key, w = name[:-len(".lora")] + ".weight", sd[name[:-len(".lora")] + ".weight"]
+                A = lambda n: sd[f"{name}.lora_A.{n}"].to(w)
+                B = lambda n: sd[f"{name}.lora_B.{n}"].to(w)
+                out[key] = w + torch.cat([mod.scale * B(n) @ A(n) if n in mod.lora_A else w.new_zeros(o, w.shape[1])
+                                          for n, o in mod.slices])
+        if "mask_embed" in sd:
+            emb = out["embed_tokens.weight"].clone()
+            emb[self.lora_config["mask_id"]] = sd["mask_embed"].to(emb)
+            out["embed_tokens.weight"] = emb
+            if self.config.tie_word_embeddings:
+                out["lm_head.weight"] = emb
+        return out
 
     def resize_vocab(self, n):
         """Grow the embedding (and head) to hold n tokens, padded to a multiple of 64.
@@ -442,7 +556,7 @@ def to_hf_state(sd, cfg):
     H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     out = {}
     for name, t in sd.items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        if (name == "lm_head.weight" and cfg.tie_word_embeddings) or ".lora." in name or name == "mask_embed":
             continue
         key = name if name.startswith("lm_head") else "model." + name
         if ".qkv_proj." in key:
@@ -529,6 +643,71 @@ def save_pretrained(model, path, tokenizer_dir=None, bos_id=None, eos_id=None, s
         for name in os.listdir(tokenizer_dir):
             if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens")):
                 shutil.copy(os.path.join(tokenizer_dir, name), path)
+
+
+def fingerprint(model):
+    """A short hash of the frozen weights (names, shapes, float64 sums): which base a LoRA
+    checkpoint applies to, checked when it is loaded."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        if ".lora." not in k and k != "mask_embed":
+            v = v.detach().double()
+            h.update(f"{k}{tuple(v.shape)}{v.sum().item():.9e}{v.abs().sum().item():.9e}".encode())
+    return h.hexdigest()[:16]
+
+
+def save_peft_adapter(model, path, sd=None):
+    """The adapters as peft writes them (adapter_config.json + adapter_model.safetensors), for
+    peft.PeftModel.from_pretrained on the transformers model of the base: one lora_A (r, in) and
+    lora_B (out, r) per HF projection, scaling alpha / r. A trained MASK row has no place in a
+    peft LoRA adapter: such models (interleaved, diffusion) are exported merged instead."""
+    from safetensors.torch import save_file
+    lc = model.lora_config
+    if lc["gated"] or model.mask_embed is not None:
+        raise UserError("a peft adapter holds neither gated adapters nor a trained MASK row")
+    out = {}
+    for k, v in (sd or model.state_dict()).items():
+        m = re.fullmatch(r"(layers\.\d+\.(?:self_attn|mlp))\.\w+\.lora\.lora_([AB])\.(\w+)", k)
+        if m:
+            out[f"base_model.model.model.{m[1]}.{m[3]}_proj.lora_{m[2]}.weight"] = v.detach().float().cpu().contiguous()
+    os.makedirs(path, exist_ok=True)
+    save_file(out, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": lc["base"],
+                   "r": lc["rank"], "lora_alpha": lc["alpha"], "lora_dropout": lc["dropout"],
+                   "target_modules": [f"{n}_proj" for n in lc["targets"]], "bias": "none",
+                   "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
+                   "inference_mode": True, "modules_to_save": None}, f, indent=2)
+
+
+def load_base(path, vocab_size, device="cpu", dtype=torch.float32):
+    """An HF folder as the frozen base of a LoRA run: the model (vocabulary grown to hold the
+    data's added tokens) and the fingerprint of the weights as read."""
+    model = from_pretrained(path, dtype=dtype)
+    fp = fingerprint(model)
+    if vocab_size > model.config.vocab_size:   # the MASK token, added past the vocabulary
+        model.resize_vocab(vocab_size)
+    return model.to(device), fp
+
+
+def load_lora_checkpoint(ckpt, info, device="cpu", dtype=torch.float32):
+    """A LoRA checkpoint (info.json's "lora" + lora.safetensors) applied to the base it names."""
+    from safetensors.torch import load_file
+    lc = info["lora"]
+    if not os.path.isfile(os.path.join(lc["base"], "config.json")):
+        raise UserError(f"{ckpt}: its adapters apply to the base model {lc['base']}, which is not there")
+    model, fp = load_base(lc["base"], info["vocab_size"], device, dtype)
+    if fp != lc["base_fingerprint"]:
+        raise UserError(f"{ckpt}: its adapters were trained on other weights than those now in {lc['base']} "
+                        f"(fingerprint {fp}, expected {lc['base_fingerprint']})")
+    model.add_lora(lc["rank"], lc["alpha"], lc["dropout"], lc["targets"], lc["mask_id"], lc["gated"])
+    model.lora_config.update(base=lc["base"], base_fingerprint=fp)
+    sd = load_file(os.path.join(ckpt, "lora.safetensors"))
+    want = set(model.lora_state())
+    if set(sd) != want:
+        raise UserError(f"{ckpt}/lora.safetensors: tensors {sorted(set(sd) ^ want)[:3]} do not match its lora settings")
+    model.load_state_dict(sd, strict=False)
+    return model
 
 
 def config_to_dict(cfg):

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from configurator import UserError, configure, cli, defaults_from, print_config
 from model import (ModelConfig, Transformer, bidirectional_mask, causal_mask, from_pretrained, interleaved_mask,
-                   pad_vocab, pick_backend, save_pretrained)
+                   load_base, load_lora_checkpoint, pad_vocab, parse_lora_targets, pick_backend, save_peft_adapter,
+                   save_pretrained)
 from prepare import Tokenizer
 
 # I/O
@@ -47,6 +48,12 @@ time_weighting = "original"   # original (1/t) | linear (1-t) | cart (Dream's co
 cart_p = 0.3                  # cart: the geometric distribution's parameter
 complementary_mask = False    # Fast-dLLM v2: each example also with the complement of its mask
 eps = 1e-3                    # t ~ U(eps, 1)
+# adapters (any mode; needs init_from a trained model)
+lora_rank = 0                 # 0: full fine-tuning; > 0: freeze the initial weights, train LoRA adapters
+lora_alpha = 16.0             # adapter scale alpha / rank (peft's convention)
+lora_dropout = 0.0
+lora_targets = "all-linear"   # or names from q, k, v, o, gate, up, down: "q,k,v"
+gated_lora = False            # interleaved: adapters act at MASK slots only; the clean stream stays the base model
 # model size (scratch)
 n_layer = 4
 n_head = 4
@@ -379,15 +386,18 @@ def interleaved_layout(tokens, plen, c):
 
 def interleaved_loss(model, b, c, gen, norm, backward):
     """AR loss on the clean stream + mask_loss_weight * loss on the slots, each divided by its
-    own global count; per-slot-index loss and accuracy for the logs."""
-    sel = b["tgt"] >= 0
+    own global count; per-slot-index loss and accuracy for the logs. Gated LoRA: the clean stream
+    is the frozen base model, its loss a constant, so the head runs on the slots only."""
+    sel = (b["tgt"] >= 0) & (b["slot"] if c.gated_lora else True)
     logits = model(b["idx"], b["pos"], interleaved_mask(b["doc"], b["pos"], b["slot"], b["sj"]), select=sel)
     tgt, is_slot, j = b["tgt"][sel], b["slot"][sel], b["sj"][sel]
     ce = F.cross_entropy(logits.float(), tgt, reduction="none")
     ar, sl = ce[~is_slot].sum(), ce[is_slot].sum()
     backward(ar / norm["tgt"] + c.mask_loss_weight * sl / norm["slot"], final=True)
-    out = {"loss_ar": ar.item() / norm["tgt"], "loss_slot": sl.item() / norm["slot"]}
-    out["loss"] = out["loss_ar"] + c.mask_loss_weight * out["loss_slot"]
+    out = {"loss_slot": sl.item() / norm["slot"]}
+    if not c.gated_lora:
+        out["loss_ar"] = ar.item() / norm["tgt"]
+    out["loss"] = out.get("loss_ar", 0.0) + c.mask_loss_weight * out["loss_slot"]
     hit = logits.argmax(-1) == tgt
     for k in range(c.block_size - 1):
         m = is_slot & (j == k)
@@ -461,15 +471,35 @@ def build_model(c, meta):
         if meta["tokenizer"] not in (hf_tok, os.path.join(hf_tok, "")):
             raise UserError(f"{c.data_dir} was prepared with tokenizer {meta['tokenizer']!r}, but {path} "
                             f"uses its own; re-run prepare.py with --tokenizer={path}")
+    info = json.load(open(info_file)) if os.path.isfile(info_file) else {}
+    if info and info["tokenizer_spec"] != meta["tokenizer"]:
+        raise UserError(f"{c.data_dir} was prepared with tokenizer {meta['tokenizer']!r}, but {path} "
+                        f"with {info['tokenizer_spec']!r}")
+    if "lora" in info:
+        if c.init_from == "resume":
+            return load_lora_checkpoint(path, info)
+        raise UserError(f"init_from={path} holds LoRA adapters, not a model: train it with --export_hf=True "
+                        f"and start from its out_dir/hf")
+    if c.lora_rank:   # freeze what was loaded, add adapters; the checkpoint names this base
+        model, fp = load_base(path, meta["vocab_size"])
+        model.add_lora(c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets,
+                       meta["mask_id"] if c.mode in ("interleaved", "diffusion") else None, c.gated_lora)
+        model.lora_config.update(base=os.path.abspath(path), base_fingerprint=fp)
+        return model
     model = from_pretrained(path)
     if meta["vocab_size"] > model.config.vocab_size:   # the MASK token, added past the vocabulary
         model.resize_vocab(meta["vocab_size"])
     return model
 
 
-def check_compatible(c, meta, model):
-    if c.max_length > model.config.max_position_embeddings:
-        raise UserError(f"max_length={c.max_length} is beyond the model's {model.config.max_position_embeddings} positions")
+def check_compatible(c, meta, model, splits):
+    """The data fits the model: its tokens, and its largest position id (positions restart with
+    each packed example, and interleaved slots reuse their block's positions)."""
+    span = sft_length if c.mode == "interleaved" else MODES[c.mode]["length"]
+    longest = max((span(int(p), int(n), c) for s in splits for _, p, n in s.index), default=0)
+    if longest > model.config.max_position_embeddings:
+        raise UserError(f"examples of {longest} positions (mode {c.mode}) are beyond the model's "
+                        f"{model.config.max_position_embeddings} positions")
     if meta["vocab_size"] > model.config.vocab_size:
         raise UserError(f"{c.data_dir}: vocab_size {meta['vocab_size']} does not fit the model's {model.config.vocab_size}")
 
@@ -488,8 +518,10 @@ def wrap(model, c, world):
 
 
 def make_optimizer(model, c):
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    """AdamW over the trainable tensors only (all of them, or the adapters and the MASK row)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2),
                              fused=c.device.startswith("cuda"))
@@ -524,7 +556,14 @@ def save_checkpoint(c, raw, model, opt, step, rank, tok, info):
     final = os.path.join(c.out_dir, f"ckpt_{step:07d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(raw, tmp, bos_id=info["bos_id"], eos_id=info["eos_id"], state_dict=msd)
+    lora = raw.lora_config
+    if lora:   # the adapters and the MASK row; info.json names the base they apply to
+        from safetensors.torch import save_file
+        os.makedirs(tmp)
+        save_file({k: msd[k].contiguous() for k in raw.lora_state()}, os.path.join(tmp, "lora.safetensors"))
+        info = {**info, "lora": lora}
+    else:
+        save_pretrained(raw, tmp, bos_id=info["bos_id"], eos_id=info["eos_id"], state_dict=msd)
     tok.save(os.path.join(tmp, "tokenizer"))
     with open(os.path.join(tmp, "info.json"), "w") as f:
         json.dump({**info, "step": step}, f, indent=2)
@@ -536,10 +575,23 @@ def save_checkpoint(c, raw, model, opt, step, rank, tok, info):
     for old in ckpts[:-max(c.keep_last, 1)]:
         shutil.rmtree(os.path.join(c.out_dir, old))
     if c.export_hf:
-        hf = os.path.join(c.out_dir, "hf")
-        shutil.rmtree(hf, ignore_errors=True)
+        export(c, raw, msd, final, tok, info)
+
+
+def export(c, raw, msd, final, tok, info):
+    """out_dir/hf: a folder transformers loads (adapters merged in); LoRA runs without a MASK
+    row also get out_dir/adapter, a peft adapter for the base model."""
+    hf = os.path.join(c.out_dir, "hf")
+    shutil.rmtree(hf, ignore_errors=True)
+    if raw.lora_config:
+        save_pretrained(raw, hf, bos_id=info["bos_id"], eos_id=info["eos_id"], state_dict=raw.merged_state(msd))
+        if raw.mask_embed is None:
+            adapter = os.path.join(c.out_dir, "adapter")
+            shutil.rmtree(adapter, ignore_errors=True)
+            save_peft_adapter(raw, adapter, msd)
+    else:
         shutil.copytree(final, hf, ignore=shutil.ignore_patterns("train_state.pt", "info.json", "tokenizer"))
-        tok.save(hf)
+    tok.save(hf)
 
 
 def load_optimizer(model, opt, path):
@@ -649,6 +701,15 @@ def resolve(c, world):
         raise UserError(f"time_weighting={c.time_weighting!r}: expected original, linear or cart")
     if c.noise_schedule not in ("uniform", "linear", "cosine"):
         raise UserError(f"noise_schedule={c.noise_schedule!r}: expected uniform, linear or cosine")
+    if c.lora_rank < 0 or (c.lora_rank and c.init_from == "scratch"):
+        raise UserError(f"lora_rank={c.lora_rank}: adapters need init_from a trained model (an HF folder or a run's out_dir)")
+    if c.lora_rank:
+        parse_lora_targets(c.lora_targets)
+    if c.gated_lora and not (c.mode == "interleaved" and c.lora_rank > 0):
+        raise UserError("gated_lora=True needs mode=interleaved and lora_rank > 0")
+    if c.gated_lora and c.export_hf:
+        raise UserError("export_hf: gated LoRA adapters cannot be merged (they act at MASK slots only); "
+                        "generate.py loads the checkpoint's base + adapters directly")
     if c.gradient_accumulation_steps % world:
         raise UserError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} is not a multiple of the world size {world}")
     c.grad_accum = c.gradient_accumulation_steps // world
@@ -659,16 +720,11 @@ def train(c):
     resolve(c, world)
     train_data, val_data = load_data(c)
     meta = train_data.meta
-    if c.init_from == "resume":
-        ck = latest_checkpoint(c.out_dir)
-        if ck and json.load(open(os.path.join(ck, "info.json")))["tokenizer_spec"] != meta["tokenizer"]:
-            raise UserError(f"{c.data_dir} was prepared with tokenizer {meta['tokenizer']!r}, "
-                            f"but the checkpoint in {c.out_dir} was not")
     c.eos_id, c.mask_id = meta["eos_id"], meta["mask_id"]
     tok = Tokenizer(meta["tokenizer"] if meta["tokenizer"] in ("byte", "gpt2") else os.path.join(c.data_dir, "tokenizer"))
     torch.manual_seed(c.seed)
     raw = build_model(c, meta)
-    check_compatible(c, meta, raw)
+    check_compatible(c, meta, raw, (train_data, val_data))
     raw.gradient_checkpointing = c.gradient_checkpointing
     raw.set_backend(pick_backend(raw.config, c.device))
     raw.to(c.device)
@@ -687,7 +743,9 @@ def train(c):
     logger = Logger(c, rank, world, train_b, step)
     if rank == 0:
         os.makedirs(c.out_dir, exist_ok=True)
-        print(f"{raw.num_params():,} parameters, {len(train_data):,} train / {len(val_data):,} val examples, "
+        trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+        print(f"{raw.num_params():,} parameters ({trainable:,} trainable), {len(train_data):,} train / "
+              f"{len(val_data):,} val examples, "
               f"{train_b.steps_per_epoch()} steps per epoch", flush=True)
     if c.eval_only:
         logger.eval(step, evaluate(model, val_b, c, world, rank, autocast))

@@ -128,8 +128,8 @@ def test_bad_input_fails_cleanly(toy_data, tmp_path):
     stories_data = tmp_path / "stories_data"
     prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={stories_data}", "--toy_rows=50",
                                                              "--tokenizer=assets/stories260K"]))
-    cases.append(([f"--data_dir={stories_data}", "--init_from=assets/stories260K", "--max_length=1024"],
-                  "beyond the model's 512 positions"))
+    cases.append(([f"--data_dir={stories_data}", "--init_from=assets/stories260K", "--max_length=1024",
+                   "--mode=diffusion", "--gen_length=600", "--batch_size=1"], "beyond the model's 512 positions"))
     for args, needle in cases:
         assert_clean_error(run_script("train.py", *base, *args), needle)
 

@@ -1,0 +1,197 @@
+"""LoRA for every mode and gated LoRA for interleaved: oracles are the frozen base model itself,
+transformers + peft on the exported files, and an uninterrupted run for resume."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from conftest import STORIES, assert_clean_error, run_script
+from safetensors.torch import load_file
+
+import prepare
+import train
+from configurator import configure, defaults_from
+from generate import decode_ar, decode_blockwise, load
+from model import from_pretrained, interleaved_mask
+
+TINY = ["--eval_interval=0", "--log_interval=1000", "--warmup_iters=2"]
+
+
+def train_run(*args):
+    c = configure(defaults_from(vars(train)), [*TINY, *args])
+    return train.train(c)
+
+
+@pytest.fixture(scope="module")
+def stories_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lora") / "stories"
+    prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={d}", "--toy_rows=300",
+                                                             f"--tokenizer={STORIES}"]))
+    return str(d)
+
+
+def base_model(vocab_size):
+    m = from_pretrained(STORIES)
+    m.resize_vocab(vocab_size)
+    return m.eval()
+
+
+def test_step0_is_the_base_and_a_step_changes_only_adapters_and_mask_row(stories_data, tmp_path):
+    meta = json.load(open(os.path.join(stories_data, "meta.json")))
+    base = base_model(meta["vocab_size"])
+    x = torch.randint(0, 512, (2, 33))
+    x[0, 7] = meta["mask_id"]
+    with torch.no_grad():
+        ref = base(x)
+        lora = copy.deepcopy(base).add_lora(4, 8.0, 0.0, "all-linear", meta["mask_id"])
+        assert torch.equal(lora(x), ref)   # B = 0 and the MASK row copied: exactly the base model
+    raw = train_run(f"--data_dir={stories_data}", f"--out_dir={tmp_path}/o", f"--init_from={STORIES}",
+                    "--mode=interleaved", "--lora_rank=4", "--max_iters=3", "--batch_size=4", "--max_length=512",
+                    "--learning_rate=1e-2")
+    trained, frozen = raw.state_dict(), base.state_dict()
+    assert set(trained) - set(frozen) == set(raw.lora_state())
+    for k, v in frozen.items():
+        assert torch.equal(trained[k], v), k
+    moved = [k for k, v in raw.lora_state().items() if ".lora_B." in k and v.abs().max() > 0]
+    assert len(moved) == len([k for k in raw.lora_state() if ".lora_B." in k])   # every adapter trained
+    assert not torch.equal(trained["mask_embed"], frozen["embed_tokens.weight"][meta["mask_id"]])
+    with torch.no_grad():
+        assert (raw.eval()(x) - ref).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory):
+    """A small sft model trained on the toy task, then gated LoRA adapters for next-block drafting."""
+    d = tmp_path_factory.mktemp("gated")
+    prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={d}/data", "--toy_rows=3000"]))
+    small = [f"--data_dir={d}/data", "--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2",
+             "--batch_size=8", "--learning_rate=3e-3"]
+    train_run(*small, f"--out_dir={d}/sft", "--max_length=256", "--max_iters=150", "--save_interval=150")
+    model = train_run(*small, f"--out_dir={d}/gated", f"--init_from={d}/sft", "--mode=interleaved",
+                      "--block_size=4", "--max_length=384", "--lora_rank=16", "--gated_lora=True",
+                      "--max_iters=100", "--save_interval=100").eval()
+    base, _, _ = load(f"{d}/sft")
+    info = {"block_size": 4, "eos_ids": [256], "mask_id": 257, "vocab_size": 258}
+    rows = [r for _, r in prepare.toy_task(12, 7)]
+    tok = prepare.Tokenizer("byte")
+    prompts = [tok.encode(tok.render([{"role": "user", "content": r["prompt"]}]), prompt=True) for r in rows]
+    prompts[3] = prompts[3][:len(prompts[3]) // 2]   # ragged, and a row that ends at another step
+    return model, base, info, prompts, d
+
+
+def test_gated_clean_stream_is_the_base_bit_for_bit(gated):
+    model, base, info, _, d = gated
+    shards = train.Shards(f"{d}/data", "val")
+    c = configure(defaults_from(vars(train)), ["--mode=interleaved", "--block_size=4"])
+    c.mask_id = 257
+    b = train.collate([[train.interleaved_layout(*shards.example(i), c) for i in range(3)]], 384, 256)
+    mask = interleaved_mask(b["doc"], b["pos"], b["slot"], b["sj"])
+    with torch.no_grad():
+        got, want = model(b["idx"], b["pos"], mask)[0], base(b["idx"], b["pos"], mask)[0]
+    clean, slot = ~b["slot"][0], b["slot"][0]
+    assert torch.equal(got[clean], want[clean])
+    assert (got[slot] - want[slot]).abs().amax(-1).min() > 1e-3   # every slot moved
+
+
+def cfg(**kw):
+    from types import SimpleNamespace
+    return SimpleNamespace(**{"max_new_tokens": 60, "temperature": 0.0, "top_p": 1.0, "threshold": 0.7,
+                              "verify": True, "draft_tree": True, **kw})
+
+
+@pytest.mark.parametrize("tree", [True, False])
+def test_gated_verify_is_the_base_models_ar_greedy(gated, tree):
+    model, base, info, prompts, _ = gated
+    want = decode_ar(base, prompts, cfg(), info)
+    got = decode_blockwise(model, prompts, cfg(draft_tree=tree), info)
+    assert [r[0] for r in got] == [r[0] for r in want]
+    assert len({len(r[0]) for r in want if r[0][-1] == 256}) > 1   # rows end with EOS at different steps
+    for p, g in zip(prompts[:4], got):
+        assert decode_blockwise(model, [p], cfg(draft_tree=tree), info)[0] == g
+    assert sum(r[1] for r in got) < 0.7 * sum(r[1] for r in want)   # the drafts are worth something
+
+
+def test_generate_loads_gated_checkpoint_without_flags(gated):
+    model, _, info, prompts, d = gated
+    loaded, linfo, _ = load(f"{d}/gated")
+    assert linfo["lora"]["gated"] and linfo["mode"] == "interleaved"
+    x = torch.tensor([prompts[0] + [257, 257, 257]])
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_peft_and_merged_exports_give_our_logits(stories_data, tmp_path):
+    import peft
+    import transformers
+    out = tmp_path / "o"
+    raw = train_run(f"--data_dir={stories_data}", f"--out_dir={out}", f"--init_from={STORIES}", "--lora_rank=4",
+                    "--lora_alpha=12", "--lora_targets=q,v,gate,down", "--max_iters=3", "--batch_size=4",
+                    "--max_length=512", "--learning_rate=1e-2", "--export_hf=True").eval()
+    cfg_ = json.load(open(out / "adapter" / "adapter_config.json"))
+    assert cfg_["r"] == 4 and cfg_["lora_alpha"] == 12 and sorted(cfg_["target_modules"]) == [
+        "down_proj", "gate_proj", "q_proj", "v_proj"]
+    sd = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert sd["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 64)
+    assert sd["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (64, 4)
+    x = torch.randint(0, 512, (2, 40))
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    with torch.no_grad():
+        ours = raw(x)[..., :512]
+        base_logits = hf_base(x).logits
+        pm = peft.PeftModel.from_pretrained(hf_base, str(out / "adapter")).eval()
+        assert (pm(x).logits - ours).abs().max() < 1e-4
+        assert (base_logits - ours).abs().max() > 1e-2   # the adapters do something
+        merged = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+        assert (merged(x).logits[..., :512] - ours).abs().max() < 1e-4
+
+
+def lora_weights(out):
+    ck = sorted(d for d in os.listdir(out) if d.startswith("ckpt_"))[-1]
+    return load_file(os.path.join(out, ck, "lora.safetensors"))
+
+
+def test_lora_resume_equals_uninterrupted(stories_data, tmp_path):
+    common = [f"--data_dir={stories_data}", f"--init_from={STORIES}", "--mode=interleaved", "--lora_rank=4",
+              "--lora_dropout=0.1", "--batch_size=2", "--max_length=512", "--save_interval=3", "--log_interval=1"]
+
+    def run(out, *args):
+        p = run_script("train.py", *common, f"--out_dir={out}", *args)
+        assert p.returncode == 0, p.stderr[-3000:]
+
+    run(tmp_path / "straight", "--max_iters=6")
+    run(tmp_path / "split", "--max_iters=3", "--lr_decay_iters=6")
+    run(tmp_path / "split", "--max_iters=6", "--init_from=resume")
+    a, b = lora_weights(tmp_path / "straight"), lora_weights(tmp_path / "split")
+    assert set(a) == set(b) and "mask_embed" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_bad_input_fails_cleanly(stories_data, tmp_path):
+    base = [f"--data_dir={stories_data}", f"--out_dir={tmp_path}/o", "--max_iters=1", "--max_length=512"]
+    cases = [
+        (["--lora_rank=4"], "adapters need init_from a trained model"),
+        ([f"--init_from={STORIES}", "--gated_lora=True"], "gated_lora=True needs mode=interleaved and lora_rank > 0"),
+        ([f"--init_from={STORIES}", "--lora_rank=4", "--lora_targets=q,x"], "lora_targets"),
+        ([f"--init_from={STORIES}", "--lora_rank=4", "--mode=interleaved", "--gated_lora=True", "--export_hf=True"],
+         "cannot be merged"),
+    ]
+    for args, needle in cases:
+        assert_clean_error(run_script("train.py", *base, *args), needle)
+
+
+def test_moved_or_changed_base_is_named(tmp_path):
+    import shutil
+    from safetensors.torch import save_file
+    prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={tmp_path}/data", "--toy_rows=100"]))
+    small = [f"--data_dir={tmp_path}/data", "--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=2",
+             "--batch_size=2", "--max_iters=1", "--save_interval=1"]
+    train_run(*small, f"--out_dir={tmp_path}/base")
+    train_run(*small, f"--out_dir={tmp_path}/o", f"--init_from={tmp_path}/base", "--lora_rank=2")
+    ck = os.path.join(tmp_path, "base", "ckpt_0000001")
+    sd = load_file(os.path.join(ck, "model.safetensors"))
+    save_file({k: v + 1e-3 if k.endswith("norm.weight") else v for k, v in sd.items()},
+              os.path.join(ck, "model.safetensors"))
+    assert_clean_error(run_script("generate.py", f"--init_from={tmp_path}/o", "--prompt=1+2"), "trained on other weights")
+    shutil.rmtree(ck)
+    assert_clean_error(run_script("generate.py", f"--init_from={tmp_path}/o", "--prompt=1+2"), "is not there")
