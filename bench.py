@@ -24,7 +24,7 @@ import torch
 import generate
 import prepare
 import train
-from configurator import configure, cli, defaults_from
+from configurator import UserError, configure, cli, defaults_from
 
 quick = False            # the smoke preset
 device = "cpu"
@@ -34,6 +34,9 @@ speed_n = 40             # problems decoded at batch 1 and 8 for the wall-clock 
 time_steps = 10          # timed training steps per mode (after 3 warm-up steps)
 peak_flops = 989e12      # bf16 dense peak of an H100 SXM, for MFU on CUDA
 gsm8k = "../shared/data/gsm8k/train.jsonl"   # for prepare.py's throughput (skipped when absent)
+only = ""                # comma-separated names from RUNS (default: all); sft always runs (the reference)
+plot = "bench.png"       # accuracy against tokens/forward for every decoder row (needs matplotlib; "" = none)
+lora_rank = 32           # rank of the LoRA / gated LoRA runs from sft
 
 PRESETS = {  # model, data and budget; every mode gets the same
     "full": dict(toy_rows=20000, n_layer=4, n_head=4, n_kv_head=4, n_embd=128, max_iters=600, batch_size=16,
@@ -55,6 +58,13 @@ RUNS = {  # trained mode -> (train overrides, [(decoder label, generate override
     "interleaved B=8": ({"mode": "interleaved", "block_size": 8},
                         [("blockwise t=0.9", {"method": "blockwise", "threshold": 0.9}),
                          ("blockwise verify", {"method": "blockwise", "verify": True, "draft_tree": False})]),
+    # the two-stage recipe: next-block drafting added to the trained sft model (full, LoRA, gated LoRA)
+    **{f"interleaved B={B} {kind} from sft": ({"mode": "interleaved", "block_size": B, "init_from": "{sft}", **kw},
+                                               [("blockwise verify", {"method": "blockwise", "verify": True,
+                                                                      "draft_tree": False}),
+                                                ("blockwise verify tree", {"method": "blockwise", "verify": True})])
+       for B in (4, 8) for kind, kw in (("full", {}), ("lora", {"lora_rank": "{rank}"}),
+                                        ("gated lora", {"lora_rank": "{rank}", "gated_lora": True}))},
     "diffusion shift from sft": ({"mode": "diffusion", "gen_length": 80, "shift": True, "init_from": "{sft}",
                                   "learning_rate": 1e-3},
                                  [("diffusion entropy steps=80", {"method": "diffusion", "alg": "entropy", "steps": 80,
@@ -71,7 +81,7 @@ RUNS = {  # trained mode -> (train overrides, [(decoder label, generate override
                    ("diffusion entropy block=16", {"method": "diffusion", "alg": "entropy", "block_length": 16,
                                                    "max_new_tokens": 80})]),
 }
-LENGTH = {"interleaved B=4": 384, "interleaved B=8": 384, "diffusion": 384}   # rows hold slots / pads too
+LENGTH = {"interleaved": 384, "diffusion": 384}   # rows hold slots / pads too (by mode)
 
 
 def run_dir(tmp, name):
@@ -106,7 +116,7 @@ class SavedBytes:
 
 def train_config(b, data_dir, out, name, overrides):
     args = {k: v for k, v in PRESETS["quick" if b.quick else "full"].items() if k != "toy_rows"}
-    args.update(data_dir=data_dir, out_dir=out, max_length=LENGTH.get(name, 256), eval_interval=0,
+    args.update(data_dir=data_dir, out_dir=out, max_length=LENGTH.get(overrides.get("mode"), 256), eval_interval=0,
                 log_interval=10 ** 9, save_interval=10 ** 9, device=b.device, **overrides)
     c = configure(defaults_from(vars(train)), [f"--{k}={v}" for k, v in args.items()])
     return c
@@ -116,8 +126,9 @@ def time_training(b, data_dir, tmp):
     """Step time, data tokens/s and memory of each mode on the same examples (batch_size rows of sft)."""
     out = {}
     for name, (overrides, _) in RUNS.items():
-        if "init_from" in overrides:   # the same step as its mode's scratch run
+        if "init_from" in overrides and "lora_rank" not in overrides:   # the same step as its mode's scratch run
             continue
+        overrides = resolve(overrides, b, tmp)
         c = train_config(b, data_dir, os.path.join(tmp, "timing"), name, overrides)
         train.resolve(c, 1)
         meta = json.load(open(os.path.join(data_dir, "meta.json")))
@@ -148,7 +159,8 @@ def time_training(b, data_dir, tmp):
         dt = statistics.median(times[3:])
         mem = torch.cuda.max_memory_allocated() if "cuda" in c.device else meter.peak
         rec = {"step_s": dt, "data_tokens_per_s": data_tokens / dt, "memory_mb": mem / 2 ** 20,
-               "row_tokens": int(batch["idx"].numel())}
+               "row_tokens": int(batch["idx"].numel()),
+               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         if "cuda" in c.device:   # 6 N flops per token for the matmuls, attention left out (small here)
             rec["mfu"] = 6 * model.num_params() * int((batch["doc"] >= 0).sum()) * (
                 overrides.get("num_iterations", 1) + (1 if overrides.get("ar_loss_weight") else 0)) / dt / b.peak_flops
@@ -177,11 +189,17 @@ def padding(data_dir, b):
     return {"packed": float(pad_packed), "padded": float(pad_padded)}
 
 
+def resolve(overrides, b, tmp):
+    """Fill the placeholders of RUNS: {sft} (the sft run's folder) and {rank} (--lora_rank)."""
+    return {k: (int(v.format(rank=b.lora_rank)) if v == "{rank}" else v.format(sft=run_dir(tmp, "sft")))
+            if isinstance(v, str) else v for k, v in overrides.items()}
+
+
 def decode_all(b, data_dir, tmp):
     out = {}
     for name, (overrides, decoders) in RUNS.items():
         out_run = run_dir(tmp, name)
-        overrides = {k: v.format(sft=run_dir(tmp, "sft")) if isinstance(v, str) else v for k, v in overrides.items()}
+        overrides = resolve(overrides, b, tmp)
         c = train_config(b, data_dir, out_run, name, overrides)
         final = os.path.join(out_run, f"ckpt_{c.max_iters:07d}")
         if os.path.isdir(final):   # a finished run from an earlier invocation with this out_dir
@@ -272,11 +290,11 @@ def prepare_speed(path, tmp):
 
 
 def tables(res):
-    lines = ["| mode | step time | vs sft | data tokens/s | memory MB | vs sft |" +
+    lines = ["| mode | trainable | step time | vs sft | data tokens/s | memory MB | vs sft |" +
              (" MFU |" if "mfu" in res["training"]["sft"] else ""),
-             "| --- | --- | --- | --- | --- | --- |" + (" --- |" if "mfu" in res["training"]["sft"] else "")]
+             "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if "mfu" in res["training"]["sft"] else "")]
     for name, r in res["training"].items():
-        lines.append(f"| {name} | {1000 * r['step_s']:.1f} ms | {r['step_ratio']:.2f}x | {r['data_tokens_per_s']:,.0f} "
+        lines.append(f"| {name} | {r['trainable']:,} | {1000 * r['step_s']:.1f} ms | {r['step_ratio']:.2f}x | {r['data_tokens_per_s']:,.0f} "
                      f"| {r['memory_mb']:.1f} | {r['memory_ratio']:.2f}x |" + (f" {100 * r['mfu']:.1f}% |" if "mfu" in r else ""))
     p = res["padding"]
     lines += ["", f"Padding, sft epoch: packed {100 * p['packed']:.1f}%, one example per row {100 * p['padded']:.1f}%", "",
@@ -291,10 +309,45 @@ def tables(res):
     return "\n".join(lines)
 
 
+def figure(res, path):
+    """Accuracy against tokens per forward, one point per decoder row, one colour per trained model:
+    the trade the README's tables hold, at a glance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for name, rows in res["decoding"].items():
+        pts = [(r[8]["tokens_per_forward"], 100 * r[8]["accuracy"], label) for label, r in rows.items()]
+        line = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=name, alpha=0.8)[0]
+        for x, y, label in pts:
+            ax.annotate(label.replace("blockwise ", "").replace("diffusion ", ""), (x, y), fontsize=6,
+                        color=line.get_color(), xytext=(3, 2), textcoords="offset points")
+    sft = res["decoding"].get("sft", {}).get("ar")
+    if sft:
+        ax.axhline(100 * sft[8]["accuracy"], color="grey", ls="--", lw=0.8, label="sft, AR")
+    ax.set_xlabel("tokens per forward")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"toy task, {res['preset']} preset, {res['device']}: accuracy vs tokens per forward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None):
     b = configure(defaults_from(globals()), [a if a != "--quick" else "--quick=True" for a in (argv or sys.argv[1:])])
+    if b.only:
+        keep = {"sft", *(n.strip() for n in b.only.split(","))}
+        unknown = keep - set(RUNS)
+        if unknown:
+            raise UserError(f"only: unknown runs {sorted(unknown)} (one of: {', '.join(RUNS)})")
+        for name in set(RUNS) - keep:
+            del RUNS[name]
     if b.quick:
-        b.eval_n, b.speed_n, b.time_steps = 16, 8, 2
+        b.eval_n, b.speed_n, b.time_steps, b.lora_rank = 16, 8, 2, 4
+        for name in [n for n in RUNS if "from sft" in n and n.startswith("interleaved") and
+                     (n.startswith("interleaved B=8") or " full " in n)]:
+            del RUNS[name]   # the same code paths as the B=4 LoRA runs
         for name, (_, decoders) in RUNS.items():   # one decoder per trained mode keeps it short
             del decoders[1:]
     tmp = b.out_dir or tempfile.mkdtemp(prefix="bench-")
@@ -303,8 +356,10 @@ def main(argv=None):
     prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={data_dir}", f"--toy_rows={preset['toy_rows']}"]))
     t0 = time.time()
     res = {"preset": "quick" if b.quick else "full", "device": b.device, "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "training": time_training(b, data_dir, tmp),
-           "padding": padding(data_dir, b), "decoding": decode_all(b, data_dir, tmp)}
+           "threads": torch.get_num_threads(), "lora_rank": b.lora_rank}
+    res["decoding"] = decode_all(b, data_dir, tmp)   # first: the LoRA runs' step is timed on the sft model
+    res["training"] = time_training(b, data_dir, tmp)
+    res["padding"] = padding(data_dir, b)
     res["hf_generate"] = hf_generate_speed()
     res["prepare_gsm8k"] = prepare_speed(b.gsm8k, tmp)
     res["seconds"] = round(time.time() - t0, 1)
@@ -316,6 +371,12 @@ def main(argv=None):
         p = res["prepare_gsm8k"]
         print(f"prepare.py on GSM8K: {p['prepare_tokens_per_s']:,.0f} tok/s, bare tokenizer "
               f"{p['bare_tokens_per_s']:,.0f} tok/s ({p['ratio']:.2f})")
+    if b.plot:
+        try:
+            figure(res, b.plot)
+            print(f"figure: {b.plot}")
+        except ImportError:
+            print("figure: skipped (pip install matplotlib to draw it)")
     print(json.dumps(res))
 
 

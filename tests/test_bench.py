@@ -4,13 +4,19 @@ import json
 from conftest import run_script
 
 
-def test_bench_quick_json_has_every_field():
-    p = run_script("bench.py", "--quick")
+def test_bench_quick_json_has_every_field(tmp_path):
+    p = run_script("bench.py", "--quick", f"--plot={tmp_path}/bench.png")
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
-    assert set(res["training"]) == {"sft", "refine", "interleaved B=4", "interleaved B=8", "diffusion"}
+    lora, gated = "interleaved B=4 lora from sft", "interleaved B=4 gated lora from sft"
+    assert set(res["training"]) == {"sft", "refine", "interleaved B=4", "interleaved B=8", "diffusion", lora, gated}
     for r in res["training"].values():
-        assert {"step_s", "data_tokens_per_s", "memory_mb", "step_ratio", "memory_ratio"} <= set(r)
+        assert {"step_s", "data_tokens_per_s", "memory_mb", "step_ratio", "memory_ratio", "trainable"} <= set(r)
+    assert res["training"][gated]["trainable"] < res["training"]["sft"]["trainable"]
+    # gated adapters leave the sft model's own output alone: AR and verify score exactly what sft's AR does
+    sft_acc = res["decoding"]["sft"]["ar"]["8"]["accuracy"]
+    assert [r["8"]["accuracy"] for r in res["decoding"][gated].values()] == [sft_acc, sft_acc]
+    assert open(tmp_path / "bench.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert 0 <= res["padding"]["packed"] < 1 and 0 <= res["padding"]["padded"] < 1
     for name, rows in res["decoding"].items():
         for label, r in rows.items():
