@@ -85,7 +85,9 @@ def configure(defaults, argv=None):
             key, text = arg[2:].split("=", 1)
             if key not in cfg:
                 raise UserError(f"unknown config key '{key}'{_closest(key, cfg)}")
-            cfg[key] = _coerce(key, _parse_value(text), defaults[key], "command line")
+            # a string setting keeps its text as typed (--prompt=1,2 is "1,2", not a tuple)
+            value = text if isinstance(defaults[key], str) else _parse_value(text)
+            cfg[key] = _coerce(key, value, defaults[key], "command line")
     return SimpleNamespace(**cfg)
 
 

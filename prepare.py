@@ -91,9 +91,37 @@ class Tokenizer:
         return self.enc.decode(ids) if self.hf is None else self.hf.decode(ids)
 
     def save(self, path):
-        """Copy an HF tokenizer's files into `path` (tiktoken ones are rebuilt from the spec)."""
+        """Tokenizer files transformers loads (AutoTokenizer) into `path`: an HF tokenizer's own, or
+        for byte / gpt2 the same byte-level BPE rebuilt with the `tokenizers` library."""
         if self.hf is not None:
             self.hf.save_pretrained(path)
+            return
+        from tokenizers import Tokenizer as Fast, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+        char = byte_chars()
+        if self.spec == "byte":   # 256 byte tokens, no merges
+            bpe, regex = models.BPE({char[b]: b for b in range(256)}, []), False
+        else:                     # GPT-2's own vocabulary and merges (assets/gpt2, as OpenAI released them)
+            d = os.path.join(ASSETS, "gpt2")
+            bpe, regex = models.BPE.from_file(os.path.join(d, "encoder.json"), os.path.join(d, "vocab.bpe")), True
+        fast = Fast(bpe)
+        fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=regex)
+        fast.decoder = decoders.ByteLevel()
+        tok = PreTrainedTokenizerFast(tokenizer_object=fast, eos_token="<|endoftext|>", mask_token="<|mask|>")
+        assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|mask|>"]) == [self.eos_id, self.mask_id]
+        tok.save_pretrained(path)
+
+
+def byte_chars():
+    """GPT-2's byte -> printable character map (the alphabet of byte-level BPE vocabularies)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b], n = chr(256 + n), n + 1
+    return chars
 
 
 # ----------------------------------------------------------------------------- rows
@@ -163,6 +191,8 @@ def _messages(value, what):
 
 def row_texts(tok, row, pkey, rkey, system):
     """(rendered prompt, response text) of one row; ValueError says what is wrong with it."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected an object with keys {pkey!r} and {rkey!r}, got a JSON {type(row).__name__}")
     for k in (pkey, rkey):
         if k not in row:
             raise ValueError(f"missing key {k!r}")

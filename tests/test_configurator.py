@@ -15,6 +15,13 @@ def test_overrides_keep_types():
     assert c.loss_weights == [0.5, 1]
 
 
+def test_string_settings_keep_their_text():
+    c = configure(DEFAULTS, ["--init_from=1,2", "--batch_size=3"])
+    assert c.init_from == "1,2"   # not the tuple literal_eval would make of it
+    c = configure(DEFAULTS, ["--init_from=[1]"])
+    assert c.init_from == "[1]"
+
+
 def test_unknown_key_names_closest():
     with pytest.raises(UserError, match="did you mean 'learning_rate'"):
         configure(DEFAULTS, ["--learnig_rate=0.1"])

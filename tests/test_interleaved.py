@@ -4,11 +4,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import EAGER_FLEX
 
 import prepare
 import train
 from configurator import configure, defaults_from
-from generate import decode_ar, decode_blockwise, reference_blockwise
+from generate import decode_ar, decode_blockwise
+from reference import reference_blockwise
 from model import KVCache, ModelConfig, Transformer, dense_mask, interleaved_mask
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -46,6 +48,7 @@ def test_who_sees_whom_by_hand():
 
 
 @pytest.mark.parametrize("B", [2, 4, 7])
+@EAGER_FLEX
 def test_dense_and_flex_agree_packed_ragged(B):
     rng = np.random.default_rng(B)
     rows = []

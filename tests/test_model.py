@@ -3,10 +3,11 @@ import json
 
 import pytest
 import torch
-from conftest import STORIES, assert_clean_error, run_script
+from conftest import EAGER_FLEX, STORIES, assert_clean_error, run_script
 
 import transformers
-from generate import decode_ar, reference_ar
+from generate import decode_ar
+from reference import reference_ar
 from model import (KVCache, ModelConfig, Transformer, bidirectional_mask, causal_mask, dense_mask,
                    from_pretrained, save_pretrained)
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -91,6 +92,7 @@ def _packed_doc(B, T, n_docs, seed):
 
 
 @pytest.mark.parametrize("T", [17, 64, 130])
+@EAGER_FLEX
 def test_dense_and_flex_agree(T):
     B, H, D = 2, 4, 8
     doc = _packed_doc(B, T, 3, T)
@@ -110,6 +112,7 @@ def test_dense_and_flex_agree(T):
         assert (flex_attention(q, k, v, block_mask=bm) - ref).abs().max() < 1e-5, name
 
 
+@EAGER_FLEX
 def test_model_forward_dense_vs_flex_packed():
     torch.manual_seed(0)
     m = Transformer(ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
@@ -167,6 +170,25 @@ def test_batched_rows_of_different_lengths_equal_single_rows():
     batched = decode_ar(m, prompts, c, INFO)
     for p, (ids, _) in zip(prompts, batched):
         assert ids == decode_ar(m, [p], c, INFO)[0][0] == reference_ar(m, p, 12, INFO)
+
+
+@torch.no_grad()
+def test_ar_with_eos_rows_finishing_at_different_steps_equals_full_recompute():
+    m = from_pretrained(STORIES).eval()   # a real model: varied greedy continuations
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 11, 7, 5)]
+    free = [reference_ar(m, p, 16, INFO) for p in prompts]
+
+    def ends(eos):   # the step each row would stop at with these EOS ids (None: runs to the limit)
+        return [next((k + 1 for k, t in enumerate(f) if t in eos), None) for f in free]
+    eos = next({a, b} for a in free[0] for b in free[1] if len({e for e in ends({a, b}) if e}) >= 2)
+    info = {**INFO, "eos_ids": sorted(eos)}
+    c = SimpleNamespace(max_new_tokens=16, temperature=0.0, top_p=1.0)
+    batched = decode_ar(m, prompts, c, info)
+    want = [reference_ar(m, p, 16, info) for p in prompts]
+    assert [ids for ids, _ in batched] == want
+    ended = [len(w) for w in want if w[-1] in eos]
+    assert len(set(ended)) >= 2 and len(set(map(len, want))) >= 2
 
 
 def test_bad_checkpoints_give_one_clear_line(tmp_path):

@@ -108,11 +108,11 @@ def test_over_long_rows_dropped_and_counted_never_cut(tmp_path):
 
 
 def test_skip_bad_rows_counts_them(tmp_path):
-    rows = [{"prompt": "p", "target": "ok"}, {"prompt": "p", "target": ""}, {"prompt": "p"}]
+    rows = [{"prompt": "p", "target": "ok"}, {"prompt": "p", "target": ""}, {"prompt": "p"}, "a string", 7]
     prepare.prepare(cfg(input=write_jsonl(tmp_path / "r.jsonl", rows), out_dir=tmp_path / "o",
                         tokenizer="byte", val_fraction=0.0, on_bad_row="skip"))
     meta = json.load(open(tmp_path / "o" / "meta.json"))
-    assert meta["splits"]["train"]["rows"] == 1 and meta["splits"]["train"]["dropped"] == {"malformed": 2}
+    assert meta["splits"]["train"]["rows"] == 1 and meta["splits"]["train"]["dropped"] == {"malformed": 4}
 
 
 BAD_ROWS = {
@@ -121,6 +121,8 @@ BAD_ROWS = {
     "non_string_content": ({"prompt": [{"role": "user", "content": 3}], "target": "a"}, "expected a string or a list"),
     "malformed_chat": ({"prompt": [{"text": "hi"}], "target": "a"}, "expected a string or a list"),
     "missing_key": ({"question": "p", "target": "a"}, "missing key 'prompt'"),
+    "not_an_object": (["p", "a"], "got a JSON list"),
+    "a_number": (3, "got a JSON int"),
 }
 
 

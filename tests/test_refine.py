@@ -10,7 +10,8 @@ import train
 from bench import SavedBytes
 from conftest import Recorder
 from configurator import configure, defaults_from
-from generate import decode_ar, decode_refine, reference_refine
+from generate import decode_ar, decode_refine
+from reference import reference_refine
 from model import ModelConfig, Transformer
 
 EOS = 256
