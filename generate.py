@@ -2,7 +2,7 @@
 Sampling and evaluation. Every method reports tokens, forward passes, tokens per forward
 and wall time, so a faster decoder is always seen next to what it costs in accuracy.
 
-    python generate.py --init_from=out/toy --data=data/toy_val.jsonl --method=ar
+    python generate.py --init_from=out/toy --data=data/toy/val.jsonl --method=ar
     python generate.py --init_from=assets/stories260K --prompt="Once upon a time"
 """
 import itertools
@@ -17,7 +17,7 @@ import torch
 
 from configurator import UserError, configure, cli, defaults_from, print_config
 from model import (KVCache, bidirectional_mask, block_causal_mask, from_pretrained, interleaved_mask,
-                   load_lora_checkpoint)
+                   latest_checkpoint, load_lora_checkpoint)
 from prepare import Tokenizer, read_rows, row_texts
 
 init_from = "out/toy"      # a training out_dir, one checkpoint folder, or a Hugging Face model folder
@@ -38,8 +38,20 @@ dtype = "float32"          # float32 | bfloat16
 seed = 1337
 quiet = False              # no progress line
 
-EXTRA = {}     # decoders add their settings here (see the method sections below)
-ACCEPTED = {}  # histogram of tokens accepted per row per step (blockwise: forward; refine: round)
+# blockwise
+threshold = 0.7            # accept a slot token while its probability >= threshold
+verify = False             # blockwise/refine: accept drafts only where the model's own AR greedy agrees
+draft_tree = True          # blockwise --verify: a slot group per possible acceptance length, not only for
+                           # "all drafts accepted" (more tokens per forward, longer forwards)
+# refine
+add_eos_length = 127       # N EOS appended per round -> a draft of N+1 tokens
+refine_iter = 2            # forwards that re-predict the draft from itself
+# diffusion
+steps = 0                  # denoising steps over the canvas (0: one per token)
+alg = "entropy"            # origin | maskgit_plus | topk_margin | entropy
+alg_temp = 0.0             # > 0 samples the positions to unmask from softmax(conf / alg_temp)
+block_length = 0           # semi-AR blocks, decoded block-causally with a KV cache (0: one canvas)
+dthreshold = 0.0           # Fast-dLLM parallel unmasking: the most confident + all with p >= this
 
 
 # ----------------------------------------------------------------------------- loading
@@ -50,9 +62,8 @@ def find_checkpoint(path):
         raise UserError(f"init_from={path}: no such folder")
     if os.path.isfile(os.path.join(path, "info.json")):
         return path
-    ckpts = sorted(d for d in os.listdir(path) if re.fullmatch(r"ckpt_\d+", d))
-    if ckpts:
-        return os.path.join(path, ckpts[-1])
+    if latest_checkpoint(path):
+        return latest_checkpoint(path)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     raise UserError(f"init_from={path}: no checkpoint (ckpt_*/ or info.json) and no config.json")
@@ -135,6 +146,12 @@ def cut_at_eos(ids, eos_ids):
     return ids
 
 
+def count_accepted(stats, n):
+    if stats is not None:
+        hist = stats.setdefault("accepted_hist", {})
+        hist[n] = hist.get(n, 0) + 1
+
+
 # ----------------------------------------------------------------------------- ar
 
 @torch.inference_mode()
@@ -163,27 +180,7 @@ def decode_ar(model, prompts, c, info, generator=None):
     return list(zip(out, forwards))
 
 
-@torch.inference_mode()
-def reference_ar(model, prompt, max_new_tokens, info):
-    """The slow, obviously-correct greedy sampler: full recompute, no cache, one row."""
-    seq, eos = list(prompt), set(info["eos_ids"])
-    dev = model.lm_head.weight.device
-    for _ in range(max_new_tokens):
-        logits = model(torch.tensor([seq], device=dev))[0, -1]
-        t = int(clean_logits(logits, info).argmax())
-        seq.append(t)
-        if t in eos:
-            break
-    return seq[len(prompt):]
-
-
 # ----------------------------------------------------------------------------- blockwise
-
-EXTRA.update(threshold=0.7,   # blockwise: accept a slot token while its probability >= threshold
-             verify=False,    # blockwise/refine: accept drafts only where the model's own AR greedy agrees
-             draft_tree=True)  # blockwise --verify: a slot group per possible acceptance length, not
-                               # only for "all drafts accepted" (more tokens per forward, longer forwards)
-
 
 def block_chunk(verified, drafts, start, k, tree=True):
     """One row's forward input: the verified tokens not yet cached, the drafts after them, and a
@@ -205,16 +202,17 @@ def block_chunk(verified, drafts, start, k, tree=True):
 
 def accept(clean_logits_row, slot_logits, drafts, c, eos, generator):
     """Tokens accepted this step from one row's logits. clean_logits_row (m+1, V): predictions after
-    the last verified token and after each of the m drafts; slot_logits (m+1, k, V) per group.
+    the last verified token and after each of the m drafts; slot_logits(group, anchor) -> (k, V):
+    a slot group's logits given the token before it (see group_drafter).
     Returns (accepted tokens, number of drafts accepted, next drafts)."""
     if c.verify:  # longest draft prefix that AR greedy agrees with, plus one token of its own
         toks, a, _ = verify_draft(clean_logits_row, drafts, eos)
         if not c.draft_tree:  # only the all-accepted group was drafted
-            return toks, a, slot_logits[0].argmax(-1).tolist() if a == len(drafts) else []
-        return toks, a, slot_logits[a].argmax(-1).tolist()
+            return toks, a, slot_logits(0, toks[-1]).argmax(-1).tolist() if a == len(drafts) else []
+        return toks, a, slot_logits(a, toks[-1]).argmax(-1).tolist()
     first = int(sample(clean_logits_row[0], c.temperature, c.top_p, generator))
     out = [first]
-    probs = torch.softmax(slot_logits[0], -1)
+    probs = torch.softmax(slot_logits(0, first), -1)
     for j in range(probs.shape[0]):  # early block stop: the first slot below threshold ends the block
         if out[-1] in eos:
             break
@@ -225,12 +223,30 @@ def accept(clean_logits_row, slot_logits, drafts, c, eos, generator):
     return out, 0, []
 
 
+def group_drafter(model, logits, hidden, info):
+    """slot_logits(group, anchor) for one row's slot groups: logits (groups, k, V). With a sampler
+    head (Apple's), slot j is conditioned on the token drafted before it (the anchor, the token
+    accepted just before the group, for j = 0): a greedy chain over hidden (groups, k, C)."""
+    if model.sampler_head is None:
+        return lambda group, anchor: logits[group]
+
+    def chain(group, anchor):
+        out, prev = [], anchor
+        for h in hidden[group]:
+            z = model.sampler_head(h, model.embed_tokens(torch.tensor(prev, device=h.device)))
+            out.append(clean_logits(model.lm_head(z), info))
+            prev = int(out[-1].argmax())
+        return torch.stack(out)
+    return chain
+
+
 @torch.inference_mode()
-def decode_blockwise(model, prompts, c, info, generator=None, cache=None):
+def decode_blockwise(model, prompts, c, info, generator=None, cache=None, stats=None):
     """Batched next-block decoding with a KV cache. A step feeds each row its verified tokens
     (the prompt at first), its drafts (verify only) and MASK slot groups, in one forward; rows
     advance by different amounts. Only verified tokens are committed to the cache: slots and
-    rejected drafts are written past the committed length and overwritten by the next step."""
+    rejected drafts are written past the committed length and overwritten by the next step.
+    stats: a dict that receives the histogram of tokens accepted per row per forward."""
     if c.verify and c.temperature > 0:
         raise UserError("--verify reproduces greedy decoding: use --temperature=0")
     k, n, dev = info["block_size"] - 1, len(prompts), model.lm_head.weight.device
@@ -243,7 +259,8 @@ def decode_blockwise(model, prompts, c, info, generator=None, cache=None):
         lens = cache.length.tolist()
         rows = [block_chunk(verified[b], drafts[b], lens[b], k, c.draft_tree) if not done[b] else ([], [], [], [])
                 for b in range(n)]
-        logits = clean_logits(blockwise_forward(model, cache, rows, info["mask_id"]), info)
+        logits, hidden = blockwise_forward(model, cache, rows, info["mask_id"])
+        logits = clean_logits(logits, info)
         commit = [0] * n
         for b in range(n):
             if done[b]:
@@ -251,13 +268,14 @@ def decode_blockwise(model, prompts, c, info, generator=None, cache=None):
             m, v = len(drafts[b]), len(verified[b])
             clean = logits[b, v - 1:v + m]
             groups = m + 1 if c.draft_tree else 1
-            slots = logits[b, v + m:v + m + groups * k].view(groups, k, -1)
+            at = slice(v + m, v + m + groups * k)
+            slots = group_drafter(model, logits[b, at].view(groups, k, -1), hidden[b, at].view(groups, k, -1), info)
             toks, a, nxt = accept(clean, slots, drafts[b], c, eos, generator)
             toks = toks[:c.max_new_tokens - len(out[b])]
             out[b] += toks
             # commit what was fed and verified, never past the (possibly truncated) output
             commit[b], forwards[b] = min(v + a, len(prompts[b]) + len(out[b]) - lens[b]), forwards[b] + 1
-            ACCEPTED[len(toks)] = ACCEPTED.get(len(toks), 0) + 1
+            count_accepted(stats, len(toks))
             done[b] = any(t in eos for t in toks) or len(out[b]) >= c.max_new_tokens
             verified[b], drafts[b] = (toks[-1:], nxt) if c.verify else (toks, [])
         cache.commit(torch.tensor(commit, device=dev))
@@ -280,37 +298,10 @@ def blockwise_forward(model, cache, rows, mask_id):
         doc[b, L + w:], pos[b, L + w:] = 1, 0   # padding: its own document, seen by no real token
     new_pos = pos[np.arange(n)[:, None], np.minimum(np.array(lens)[:, None] + np.arange(T), S - 1)]
     t = lambda a: torch.from_numpy(a).to(cache.length.device)
-    return model(t(idx), t(new_pos), interleaved_mask(t(doc), t(pos), t(slot), t(sj)), cache=cache)
-
-
-@torch.inference_mode()
-def reference_blockwise(model, prompt, c, info):
-    """The slow oracle for decode_blockwise: one row, no cache; every step recomputes the whole
-    sequence [all verified tokens][drafts][slot groups] from scratch."""
-    k, eos, dev = info["block_size"] - 1, set(info["eos_ids"]), model.lm_head.weight.device
-    seq, drafts, out, forwards = list(prompt), [], [], 0
-    while True:
-        ids, pos, slot, sj = block_chunk(seq, drafts, 0, k, c.draft_tree)
-        t = lambda x, dt=torch.long: torch.tensor([x], dtype=dt, device=dev)
-        ids = t([info["mask_id"] if i is None else i for i in ids])
-        mask = interleaved_mask(t([0] * len(pos)), t(pos), t(slot, torch.bool), t(sj))
-        logits = clean_logits(model(ids, t(pos), mask)[0], info)
-        m = len(drafts)
-        toks, a, nxt = accept(logits[len(seq) - 1:len(seq) + m],
-                              logits[len(seq) + m:].view(-1, k, logits.shape[-1]), drafts, c, eos, None)
-        forwards += 1
-        toks = toks[:c.max_new_tokens - len(out)]
-        out += toks
-        seq, drafts = list(prompt) + out, nxt
-        if any(x in eos for x in toks) or len(out) >= c.max_new_tokens:
-            return cut_at_eos(out, eos), forwards
+    return model(t(idx), t(new_pos), interleaved_mask(t(doc), t(pos), t(slot), t(sj)), cache=cache, return_hidden=True)
 
 
 # ----------------------------------------------------------------------------- refine
-
-EXTRA.update(add_eos_length=127,   # refine: N EOS appended per round -> a draft of N+1 tokens
-             refine_iter=2)        # refine: forwards that re-predict the draft from itself
-
 
 def causal_forward(model, cache, rows):
     """Logits (n, T, V) for per-row token lists, right-padded, after each row's cached prefix."""
@@ -331,11 +322,12 @@ def verify_draft(logits_row, draft, eos):
 
 
 @torch.inference_mode()
-def decode_refine(model, prompts, c, info, generator=None):
+def decode_refine(model, prompts, c, info, generator=None, stats=None):
     """Refinement decoding (seed iterative_refine), batched, with the committed prefix in the KV
     cache. A round feeds [verified][EOS x N]: one forward drafts N+1 tokens; refine_iter forwards
     over the first N draft tokens re-predict tokens 2..N+1 (the first is exact AR); then the draft
-    is appended. With --verify every forward checks the draft instead (output = AR greedy)."""
+    is appended. With --verify every forward checks the draft instead (output = AR greedy).
+    stats: a dict that receives the histogram of tokens accepted per row per round."""
     if c.verify and c.temperature > 0:
         raise UserError("--verify reproduces greedy decoding: use --temperature=0")
     N, n, dev = c.add_eos_length, len(prompts), model.lm_head.weight.device
@@ -360,6 +352,9 @@ def decode_refine(model, prompts, c, info, generator=None):
                 toks, a = pick(logits[b, v - 1:v + N]), 0
             new[b], commit[b] = toks, v + a
             forwards[b] += 1
+            if c.verify:   # never commit past what the output keeps (EOS, max_new_tokens)
+                kept = len(cut_at_eos(toks, eos)[:c.max_new_tokens - len(out[b])])
+                commit[b] = min(commit[b], len(prompts[b]) + len(out[b]) + kept - lens[b])
         cache.commit(torch.tensor(commit, device=dev))
         for _ in range(0 if c.verify else c.refine_iter if N else 0):   # refine the drafts in place
             logits = clean_logits(causal_forward(model, cache, [new[b][:N] if b in new else [] for b in range(n)]), info)
@@ -369,46 +364,13 @@ def decode_refine(model, prompts, c, info, generator=None):
         for b in live:
             toks = cut_at_eos(new[b], eos)[:c.max_new_tokens - len(out[b])]
             out[b] += toks
-            ACCEPTED[len(toks)] = ACCEPTED.get(len(toks), 0) + 1
+            count_accepted(stats, len(toks))
             done[b] = toks[-1] in eos or len(out[b]) >= c.max_new_tokens
             verified[b] = toks[-1:] if c.verify else toks
-            if c.verify and len(out[b]) + len(prompts[b]) < lens[b] + commit[b]:
-                cache.length[b] = len(prompts[b]) + len(out[b])   # never commit past the output
     return [(o, f) for o, f in zip(out, forwards)]
 
 
-@torch.inference_mode()
-def reference_refine(model, prompt, c, info):
-    """The slow oracle for decode_refine (greedy): one row, full recompute for every forward."""
-    N, eos, fill, dev = c.add_eos_length, set(info["eos_ids"]), info["eos_id"], model.lm_head.weight.device
-    run = lambda ids: clean_logits(model(torch.tensor([ids], device=dev))[0], info)
-    seq, out, forwards, draft = list(prompt), [], 0, [fill] * N
-    while True:
-        L = len(seq)
-        if c.verify:
-            toks, _, rest = verify_draft(run(seq + draft)[L - 1:L + N], draft, eos)
-            draft, forwards = (rest + [fill] * N)[:N], forwards + 1
-        else:
-            toks = run(seq + [fill] * N)[L - 1:].argmax(-1).tolist()
-            forwards += 1
-            for _ in range(c.refine_iter if N else 0):
-                toks = toks[:1] + run(seq + toks[:N])[L:].argmax(-1).tolist()
-                forwards += 1
-        toks = cut_at_eos(toks, eos)[:c.max_new_tokens - len(out)]
-        out += toks
-        seq += toks
-        if toks[-1] in eos or len(out) >= c.max_new_tokens:
-            return out, forwards
-
-
 # ----------------------------------------------------------------------------- diffusion
-
-EXTRA.update(steps=0,          # diffusion: denoising steps over the canvas (0: one per token)
-             alg="entropy",    # diffusion: origin | maskgit_plus | topk_margin | entropy
-             alg_temp=0.0,     # diffusion: > 0 samples the positions to unmask from softmax(conf / alg_temp)
-             block_length=0,   # diffusion: semi-AR blocks, decoded block-causally with a KV cache (0: one canvas)
-             dthreshold=0.0)   # diffusion: Fast-dLLM parallel unmasking: the most confident + all with p >= this
-
 
 def confidence(probs, x0, alg):
     """Per masked position: how sure the model is (higher = unmask first). probs (N, V)."""
@@ -632,11 +594,11 @@ def evaluate(model, info, tok, c, items, generator=None):
                         f"(it decodes: {', '.join(MODES[c.method])})")
     decode = DECODERS[c.method]
     encoded = encode_prompts(tok, items, info)
-    records, t0 = [], time.time()
-    ACCEPTED.clear()
+    records, t0, stats = [], time.time(), {}
     for i in range(0, len(encoded), c.batch_size):
         batch = encoded[i:i + c.batch_size]
-        results = decode(model, [ids for _, ids in batch], c, info, generator)
+        kw = {"stats": stats} if c.method in ("blockwise", "refine") else {}
+        results = decode(model, [ids for _, ids in batch], c, info, generator, **kw)
         for (text, _), (ids, fw), (_, ref) in zip(batch, results, items[i:i + c.batch_size]):
             ids = cut_at_eos(ids, set(info["eos_ids"]))
             comp = tok.decode([t for t in ids if t not in info["eos_ids"]])
@@ -652,8 +614,8 @@ def evaluate(model, info, tok, c, items, generator=None):
     if not c.quiet:
         print(file=sys.stderr)
     summary = summarize(records, time.time() - t0)
-    if ACCEPTED:
-        summary["accepted_hist"] = dict(sorted(ACCEPTED.items()))   # tokens per row per step
+    if stats:
+        summary["accepted_hist"] = dict(sorted(stats["accepted_hist"].items()))   # tokens per row per step
     return records, summary
 
 
@@ -669,7 +631,7 @@ def summarize(records, seconds):
 
 
 def main(argv=None):
-    c = configure({**defaults_from(globals()), **EXTRA}, argv)
+    c = configure(defaults_from(globals()), argv)
     print_config(c, file=sys.stderr)
     torch.manual_seed(c.seed)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(c.dtype)

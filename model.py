@@ -267,6 +267,22 @@ class LoRA(nn.Module):
         return self.scale * (torch.cat(parts, -1) if len(parts) > 1 else parts[0])
 
 
+class SamplerHead(nn.Module):
+    """Apple's sampler head (arXiv 2507.11851): a slot's final state is conditioned on the token
+    drafted just before it, z = h + W2 silu(W1 [h; embedding(prev)]), so the drafts of one group
+    form a chain rather than independent guesses. W2 starts at zero: at first z = h."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.fc1 = nn.Linear(2 * C, C, bias=False)
+        self.fc2 = nn.Linear(C, C, bias=False)
+        nn.init.kaiming_uniform_(self.fc1.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.fc2.weight)
+
+    def forward(self, h, prev_emb):
+        return h + self.fc2(F.silu(self.fc1(torch.cat([h, prev_emb.to(h.dtype)], -1))))
+
+
 def project(linear, x, gate=None):
     """linear(x) plus its LoRA delta where it has one; with gate (B, T, 1) only where gate is True
     (gated LoRA: elsewhere the output is the frozen layer's, bit for bit)."""
@@ -318,9 +334,6 @@ class KVCache:
         """Make the first n (int or (B,) tensor) of the last forward's tokens part of the prefix."""
         self.length = self.length + n
 
-    def rollback(self, length):
-        self.length = length.clone()
-
 
 # ----------------------------------------------------------------------------- model
 
@@ -339,6 +352,7 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         self.lora_config = None          # set by add_lora
         self.mask_embed = None           # LoRA runs: the trainable copy of the MASK embedding row
+        self.sampler_head = None         # gated LoRA runs may add one (SamplerHead)
 
     def set_backend(self, backend):
         """Chosen once: 'flex' (BlockMask, compiled on CUDA) or 'sdpa' (dense boolean mask)."""
@@ -377,14 +391,15 @@ class Transformer(nn.Module):
         mask = dense_mask(mask_mod, B, T, S, device)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
-    def forward(self, idx, pos=None, mask_mod=None, cache=None, select=None):
+    def forward(self, idx, pos=None, mask_mod=None, cache=None, select=None, return_hidden=False, prev=None):
         """
         idx, pos: (B, T) token ids and position ids (pos defaults to the cache offset + arange).
         mask_mod: attention rule over physical indices (default: causal).
         cache: a KVCache; the T new tokens are written after each row's committed length.
         select: optional (B, T) bool; the head then runs only there and logits are (N, V),
         which is what training needs (the head is most of the FLOPs of a small model).
-        Returns logits (B, T, V).
+        prev: (N,) the token before each selected one, for the sampler head (training).
+        Returns logits (B, T, V); with return_hidden, (logits, final normed hidden states).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else None
@@ -402,13 +417,15 @@ class Transformer(nn.Module):
         rope = rope_tables(self.inv_freq, pos, x.dtype)
         for layer, lc in zip(self.layers, layer_caches):
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, rope, attend, None, gate, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, attend, lc, gate, use_reentrant=False)
             else:
                 x = layer(x, rope, attend, lc, gate)
         x = self.norm(x)
-        return self.lm_head(x if select is None else x[select])
+        h = x if select is None else x[select]
+        z = h if prev is None else self.sampler_head(h, self.embed_tokens(prev))
+        return (self.lm_head(z), h) if return_hidden else self.lm_head(z)
 
-    def add_lora(self, rank, alpha, dropout=0.0, targets="all-linear", mask_id=None, gated=False):
+    def add_lora(self, rank, alpha, dropout=0.0, targets="all-linear", mask_id=None, gated=False, sampler_head=False):
         """Freeze every weight and add LoRA adapters to the targeted projections. mask_id: the
         MASK token a mode adds; its embedding row is trained (as mask_embed, a copy). gated: the
         deltas apply only where the input token is mask_id (Apple's gated LoRA, arXiv 2507.11851),
@@ -428,13 +445,17 @@ class Transformer(nn.Module):
                     lin.lora = LoRA(lin.in_features, slices, targets, rank, alpha, dropout).to(lin.weight.device, lin.weight.dtype)
         if mask_id is not None:
             self.mask_embed = nn.Parameter(self.embed_tokens.weight[mask_id].detach().clone())
+        if sampler_head:
+            w = self.embed_tokens.weight
+            self.sampler_head = SamplerHead(cfg.n_embd).to(w.device, w.dtype)
         self.lora_config = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets,
-                            "mask_id": mask_id, "gated": gated}
+                            "mask_id": mask_id, "gated": gated, "sampler_head": sampler_head}
         return self
 
     def lora_state(self):
-        """The trainable tensors of a LoRA model: adapters and the MASK row."""
-        return {k: v for k, v in self.state_dict().items() if ".lora." in k or k == "mask_embed"}
+        """The trainable tensors of a LoRA model: adapters, the MASK row, the sampler head."""
+        return {k: v for k, v in self.state_dict().items()
+                if ".lora." in k or k == "mask_embed" or k.startswith("sampler_head.")}
 
     @torch.no_grad()
     def merged_state(self, sd=None):
@@ -556,7 +577,8 @@ def to_hf_state(sd, cfg):
     H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     out = {}
     for name, t in sd.items():
-        if (name == "lm_head.weight" and cfg.tie_word_embeddings) or ".lora." in name or name == "mask_embed":
+        if (name == "lm_head.weight" and cfg.tie_word_embeddings) or ".lora." in name or name == "mask_embed" \
+                or name.startswith("sampler_head."):
             continue
         key = name if name.startswith("lm_head") else "model." + name
         if ".qkv_proj." in key:
@@ -645,12 +667,18 @@ def save_pretrained(model, path, tokenizer_dir=None, bos_id=None, eos_id=None, s
                 shutil.copy(os.path.join(tokenizer_dir, name), path)
 
 
+def latest_checkpoint(out_dir):
+    """The newest ckpt_NNNNNNN folder of a training out_dir, or None."""
+    ckpts = sorted(d for d in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+", d)) if os.path.isdir(out_dir) else []
+    return os.path.join(out_dir, ckpts[-1]) if ckpts else None
+
+
 def fingerprint(model):
     """A short hash of the frozen weights (names, shapes, float64 sums): which base a LoRA
     checkpoint applies to, checked when it is loaded."""
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
-        if ".lora." not in k and k != "mask_embed":
+        if ".lora." not in k and k != "mask_embed" and not k.startswith("sampler_head."):
             v = v.detach().double()
             h.update(f"{k}{tuple(v.shape)}{v.sum().item():.9e}{v.abs().sum().item():.9e}".encode())
     return h.hexdigest()[:16]
@@ -700,7 +728,8 @@ def load_lora_checkpoint(ckpt, info, device="cpu", dtype=torch.float32):
     if fp != lc["base_fingerprint"]:
         raise UserError(f"{ckpt}: its adapters were trained on other weights than those now in {lc['base']} "
                         f"(fingerprint {fp}, expected {lc['base_fingerprint']})")
-    model.add_lora(lc["rank"], lc["alpha"], lc["dropout"], lc["targets"], lc["mask_id"], lc["gated"])
+    model.add_lora(lc["rank"], lc["alpha"], lc["dropout"], lc["targets"], lc["mask_id"], lc["gated"],
+                   lc.get("sampler_head", False))
     model.lora_config.update(base=lc["base"], base_fingerprint=fp)
     sd = load_file(os.path.join(ckpt, "lora.safetensors"))
     want = set(model.lora_state())

@@ -4,7 +4,7 @@ under torchrun. Each mode adds one layout function (how an example is laid out i
 and one loss function; the loop, packing, checkpoints and logging are shared.
 
     python train.py config/toy.py
-    torchrun --standalone --nproc_per_node=8 train.py config/gsm8k.py --parallel=fsdp
+    torchrun --standalone --nproc_per_node=8 train.py config/gsm8k_sft.py --parallel=fsdp
 """
 import json
 import math
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import UserError, configure, cli, defaults_from, print_config
-from model import (ModelConfig, Transformer, bidirectional_mask, causal_mask, from_pretrained, interleaved_mask,
+from model import (KVCache, ModelConfig, Transformer, latest_checkpoint, bidirectional_mask, causal_mask, from_pretrained, interleaved_mask,
                    load_base, load_lora_checkpoint, pad_vocab, parse_lora_targets, pick_backend, save_peft_adapter,
                    save_pretrained)
 from prepare import Tokenizer
@@ -29,7 +29,8 @@ from prepare import Tokenizer
 # I/O
 data_dir = "data/toy"         # output of prepare.py
 out_dir = "out/toy"
-init_from = "scratch"         # scratch | resume | path to a Hugging Face model folder
+init_from = "scratch"         # scratch | resume | path to a Hugging Face model folder or a run's out_dir
+resume = "auto"               # auto: an out_dir holding a checkpoint is continued | never: start fresh, refuse such an out_dir
 mode = "sft"                  # sft | refine | interleaved | diffusion
 # refine (EOS-noise iterative refinement)
 num_iterations = 2            # forwards per example: s0 (noised), s1 = greedy(s0), ...
@@ -41,6 +42,7 @@ ar_loss_weight = 0.0          # + this * next-token loss on the clean sequence (
 # interleaved (next-block prediction)
 block_size = 4                # B: one forward yields the next B tokens
 mask_loss_weight = 1.0        # weight of the slot loss beside the clean-stream AR loss
+latent_loss_weight = 0.0      # gated: + this * |slot hidden - clean hidden at its position|^2 (Apple's LCM)
 # diffusion (LLaDA / Dream masked diffusion)
 gen_length = 0                # responses are EOS-padded to this many tokens, pads supervised (LLaDA)
 shift = False                 # Dream: position i predicts token i+1 (for models adapted from AR)
@@ -54,6 +56,7 @@ lora_alpha = 16.0             # adapter scale alpha / rank (peft's convention)
 lora_dropout = 0.0
 lora_targets = "all-linear"   # or names from q, k, v, o, gate, up, down: "q,k,v"
 gated_lora = False            # interleaved: adapters act at MASK slots only; the clean stream stays the base model
+sampler_head = False          # gated: each slot's draft conditioned on the token drafted before it (Apple's)
 # model size (scratch)
 n_layer = 4
 n_head = 4
@@ -384,20 +387,74 @@ def interleaved_layout(tokens, plen, c):
     return {k: np.concatenate([clean[k], slots[k]]) for k in clean}
 
 
+def split_rows(b, keep, pad_id):
+    """The tokens where keep (B, T) is True, moved to the front of each row in their order:
+    (fields (B, n_max), valid (B, n_max), n (B,)); the tail is padding of its own document."""
+    n = keep.sum(1)
+    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :int(n.max())]
+    valid = torch.arange(order.shape[1], device=n.device)[None] < n[:, None]
+    f = {k: b[k].gather(1, order) for k in ("idx", "pos", "doc", "sj", "tgt")}
+    f["idx"] = torch.where(valid, f["idx"], pad_id)
+    f["doc"] = torch.where(valid, f["doc"], -2)
+    f["pos"], f["sj"] = torch.where(valid, f["pos"], 0), torch.where(valid, f["sj"], 0)
+    f["tgt"] = torch.where(valid, f["tgt"], -100)
+    return f, valid, n
+
+
+def gated_slot_forward(model, b, c):
+    """Gated LoRA: clean tokens compute the frozen base model and see no slot, so the clean
+    stream runs once without a graph into a KV cache, and only the slots run with grad, attending
+    to it (the decoding rule, used for training). Returns slot logits, targets, slot indices,
+    and (slot hidden states, twin hidden states, twin logits) for the consistency terms."""
+    real = b["doc"] >= 0
+    cl, _, nc = split_rows(b, real & ~b["slot"], c.eos_id)
+    sl, svalid, _ = split_rows(b, real & b["slot"], c.eos_id)
+    B, Lc, Ts, dev = cl["idx"].shape[0], cl["idx"].shape[1], sl["idx"].shape[1], b["idx"].device
+    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else torch.float32
+    cache = KVCache(getattr(model, "module", model).config, B, Lc + Ts, dev, dtype)
+    sel = svalid & (sl["tgt"] >= 0)
+    # a slot's twin: the clean token at its position in its document, which predicts the same token
+    first = torch.full((B, int(cl["doc"].max()) + 3), Lc, device=dev).scatter_reduce(
+        1, cl["doc"] + 2, torch.arange(Lc, device=dev).expand(B, Lc), "amin")
+    twin = torch.where(sel, first.gather(1, sl["doc"] + 2) + sl["pos"], Lc)
+    twins = torch.zeros(B, Lc + 1, dtype=torch.bool, device=dev).scatter(1, twin, True)[:, :Lc]
+    with torch.no_grad():
+        base = model(cl["idx"], cl["pos"], causal_mask(cl["doc"]), cache=cache, select=twins, return_hidden=True)
+    cache.commit(nc)
+
+    def physical(clean, slots):   # (B, Lc + Ts): row r holds its nc[r] clean tokens, then its slots
+        out = torch.cat([clean, torch.zeros_like(slots)], 1)
+        return out.scatter(1, nc[:, None] + torch.arange(Ts, device=dev), slots)
+    mask = interleaved_mask(physical(cl["doc"], sl["doc"]), physical(cl["pos"], sl["pos"]),
+                            physical(torch.zeros_like(real[:, :Lc]), torch.ones_like(svalid)),
+                            physical(cl["sj"], sl["sj"]))
+    prev = cl["idx"].gather(1, twin.clamp(max=Lc - 1))[sel] if c.sampler_head else None   # the token at s+j
+    logits, hidden = model(sl["idx"], sl["pos"], mask, cache=cache, select=sel, return_hidden=True, prev=prev)
+    return logits, sl["tgt"][sel], sl["sj"][sel], (hidden, *reversed(base))
+
+
 def interleaved_loss(model, b, c, gen, norm, backward):
     """AR loss on the clean stream + mask_loss_weight * loss on the slots, each divided by its
     own global count; per-slot-index loss and accuracy for the logs. Gated LoRA: the clean stream
-    is the frozen base model, its loss a constant, so the head runs on the slots only."""
-    sel = (b["tgt"] >= 0) & (b["slot"] if c.gated_lora else True)
-    logits = model(b["idx"], b["pos"], interleaved_mask(b["doc"], b["pos"], b["slot"], b["sj"]), select=sel)
-    tgt, is_slot, j = b["tgt"][sel], b["slot"][sel], b["sj"][sel]
+    is the frozen base model and its loss a constant: only the slots are trained (and run with grad)."""
+    out, extra = {}, 0.0
+    if c.gated_lora:
+        logits, tgt, j, (h, h_twin, _) = gated_slot_forward(model, b, c)
+        is_slot = torch.ones_like(tgt, dtype=torch.bool)
+        if c.latent_loss_weight:   # Apple's latent consistency: the slot's state toward its twin's
+            lat = (h.float() - h_twin.float()).pow(2).mean(-1).sum()
+            extra, out["loss_latent"] = extra + c.latent_loss_weight * lat / norm["slot"], lat.item() / norm["slot"]
+    else:
+        sel = b["tgt"] >= 0
+        logits = model(b["idx"], b["pos"], interleaved_mask(b["doc"], b["pos"], b["slot"], b["sj"]), select=sel)
+        tgt, is_slot, j = b["tgt"][sel], b["slot"][sel], b["sj"][sel]
     ce = F.cross_entropy(logits.float(), tgt, reduction="none")
     ar, sl = ce[~is_slot].sum(), ce[is_slot].sum()
-    backward(ar / norm["tgt"] + c.mask_loss_weight * sl / norm["slot"], final=True)
-    out = {"loss_slot": sl.item() / norm["slot"]}
+    backward(ar / norm["tgt"] + c.mask_loss_weight * sl / norm["slot"] + extra, final=True)
+    out["loss_slot"] = sl.item() / norm["slot"]
     if not c.gated_lora:
         out["loss_ar"] = ar.item() / norm["tgt"]
-    out["loss"] = out.get("loss_ar", 0.0) + c.mask_loss_weight * out["loss_slot"]
+    out["loss"] = out.get("loss_ar", 0.0) + c.mask_loss_weight * out["loss_slot"] + float(extra)
     hit = logits.argmax(-1) == tgt
     for k in range(c.block_size - 1):
         m = is_slot & (j == k)
@@ -445,11 +502,6 @@ def all_reduce(t):
     return t
 
 
-def latest_checkpoint(out_dir):
-    ckpts = sorted(d for d in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+", d)) if os.path.isdir(out_dir) else []
-    return os.path.join(out_dir, ckpts[-1]) if ckpts else None
-
-
 def build_model(c, meta):
     """The model and the step to start from. Every path yields full weights on each rank."""
     if c.init_from == "scratch":
@@ -483,7 +535,8 @@ def build_model(c, meta):
     if c.lora_rank:   # freeze what was loaded, add adapters; the checkpoint names this base
         model, fp = load_base(path, meta["vocab_size"])
         model.add_lora(c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets,
-                       meta["mask_id"] if c.mode in ("interleaved", "diffusion") else None, c.gated_lora)
+                       meta["mask_id"] if c.mode in ("interleaved", "diffusion") else None, c.gated_lora,
+                       c.sampler_head)
         model.lora_config.update(base=os.path.abspath(path), base_fingerprint=fp)
         return model
     model = from_pretrained(path)
@@ -567,7 +620,7 @@ def save_checkpoint(c, raw, model, opt, step, rank, tok, info):
     tok.save(os.path.join(tmp, "tokenizer"))
     with open(os.path.join(tmp, "info.json"), "w") as f:
         json.dump({**info, "step": step}, f, indent=2)
-    torch.save({"optimizer": osd, "step": step, "rng": torch.get_rng_state(), "config": vars(c)},
+    torch.save({"optimizer": osd, "step": step, "rng": torch.get_rng_state(), "config": saved_config(c)},
                os.path.join(tmp, "train_state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)   # a checkpoint exists whole or not at all
@@ -592,6 +645,14 @@ def export(c, raw, msd, final, tok, info):
     else:
         shutil.copytree(final, hf, ignore=shutil.ignore_patterns("train_state.pt", "info.json", "tokenizer"))
     tok.save(hf)
+
+
+RUNTIME = ("step", "grad_accum", "eos_id", "mask_id")   # set on the config while running, not settings
+
+
+def saved_config(c):
+    """The resolved settings, as printed at start: what a checkpoint and wandb record."""
+    return {k: v for k, v in vars(c).items() if k not in RUNTIME}
 
 
 def load_optimizer(model, opt, path):
@@ -707,9 +768,20 @@ def resolve(c, world):
         parse_lora_targets(c.lora_targets)
     if c.gated_lora and not (c.mode == "interleaved" and c.lora_rank > 0):
         raise UserError("gated_lora=True needs mode=interleaved and lora_rank > 0")
+    if (c.latent_loss_weight or c.sampler_head) and not c.gated_lora:
+        raise UserError("latent_loss_weight and sampler_head need gated_lora=True")
     if c.gated_lora and c.export_hf:
         raise UserError("export_hf: gated LoRA adapters cannot be merged (they act at MASK slots only); "
                         "generate.py loads the checkpoint's base + adapters directly")
+    if c.resume not in ("auto", "never"):
+        raise UserError(f"resume={c.resume!r}: expected auto or never")
+    ck = latest_checkpoint(c.out_dir)
+    if ck and c.init_from != "resume" and not c.eval_only:
+        if c.resume == "never":
+            raise UserError(f"out_dir={c.out_dir} holds another run's checkpoints ({os.path.basename(ck)}) and "
+                            f"resume=never: choose another out_dir, or resume=auto to continue that run")
+        print(f"resume=auto: continuing the run in {c.out_dir} from {os.path.basename(ck)}", flush=True)
+        c.init_from = "resume"
     if c.gradient_accumulation_steps % world:
         raise UserError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} is not a multiple of the world size {world}")
     c.grad_accum = c.gradient_accumulation_steps // world
@@ -778,11 +850,18 @@ class Logger:
 
     def __init__(self, c, rank, world, train_b, step):
         self.c, self.rank, self.world, self.start, self.acc = c, rank, world, step, {}
-        self.t_start, self.history = time.time(), []
+        self.t_start = time.time()
+        log = os.path.join(c.out_dir, "log.jsonl")
+        if rank == 0 and os.path.isfile(log) and not c.eval_only:
+            # a resumed run repeats the steps after its checkpoint: keep each step once
+            keep = [l for l in open(log) if json.loads(l)["step"] <= step]
+            with open(log + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(log + ".tmp", log)
         self.wandb = None
         if c.wandb_log and rank == 0:
             import wandb
-            self.wandb = wandb.init(project=c.wandb_project, name=c.wandb_run_name or None, config=vars(c),
+            self.wandb = wandb.init(project=c.wandb_project, name=c.wandb_run_name or None, config=saved_config(c),
                                     dir=c.out_dir)
 
     def step(self, step, metrics, lr, gnorm, batches, dt):
@@ -794,7 +873,6 @@ class Logger:
                                     [metrics[k] for k in sorted(metrics)], dtype=torch.float64)).tolist()
         t.insert(2, sup)
         m = dict(zip(sorted(metrics), t[3:]))
-        self.history.append({"step": step, **m})
         if self.rank != 0:
             return
         rec = {**m, "lr": lr, "grad_norm": gnorm, "tokens_per_s": t[0] / dt,

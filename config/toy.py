@@ -1,5 +1,5 @@
 # The embedded default: a 0.9M-parameter model on the built-in arithmetic task, a few minutes on 2 CPU cores.
-# python prepare.py && python train.py config/toy.py && python generate.py --init_from=out/toy --data=data/toy_val.jsonl
+# python prepare.py && python train.py config/toy.py && python generate.py --init_from=out/toy --data=data/toy/val.jsonl
 data_dir = "data/toy"
 out_dir = "out/toy"
 mode = "sft"

@@ -14,6 +14,7 @@ import train
 from configurator import configure, defaults_from
 from generate import decode_ar, decode_blockwise, load
 from model import from_pretrained, interleaved_mask
+from reference import reference_blockwise
 
 TINY = ["--eval_interval=0", "--log_interval=1000", "--warmup_iters=2"]
 
@@ -112,6 +113,26 @@ def test_gated_verify_is_the_base_models_ar_greedy(gated, tree):
     assert sum(r[1] for r in got) < 0.7 * sum(r[1] for r in want)   # the drafts are worth something
 
 
+def test_sampler_head_verify_is_still_the_base_models_ar_greedy(gated):
+    _, base, info, prompts, d = gated
+    model = train_run(f"--data_dir={d}/data", "--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2",
+                      "--batch_size=8", "--learning_rate=3e-3", f"--out_dir={d}/sampler", f"--init_from={d}/sft",
+                      "--mode=interleaved", "--block_size=4", "--max_length=384", "--lora_rank=8", "--gated_lora=True",
+                      "--sampler_head=True", "--max_iters=20", "--save_interval=20").eval()
+    assert model.sampler_head.fc2.weight.abs().max() > 0   # trained
+    want = decode_ar(base, prompts[:6], cfg(), info)
+    for tree in (True, False):
+        got = decode_blockwise(model, prompts[:6], cfg(draft_tree=tree), info)
+        assert [r[0] for r in got] == [r[0] for r in want]
+        assert decode_blockwise(model, prompts[1:2], cfg(draft_tree=tree), info)[0] == got[1] == \
+            reference_blockwise(model, prompts[1], cfg(draft_tree=tree), info)
+    # threshold decoding drafts through the sampler chain too: cached = the independent oracle
+    for p, got in zip(prompts[:3], decode_blockwise(model, prompts[:3], cfg(verify=False, threshold=0.5), info)):
+        assert got == reference_blockwise(model, p, cfg(verify=False, threshold=0.5), info)
+    loaded, _, _ = load(f"{d}/sampler")
+    assert loaded.sampler_head is not None
+
+
 def test_generate_loads_gated_checkpoint_without_flags(gated):
     model, _, info, prompts, d = gated
     loaded, linfo, _ = load(f"{d}/gated")
@@ -195,3 +216,47 @@ def test_moved_or_changed_base_is_named(tmp_path):
     assert_clean_error(run_script("generate.py", f"--init_from={tmp_path}/o", "--prompt=1+2"), "trained on other weights")
     shutil.rmtree(ck)
     assert_clean_error(run_script("generate.py", f"--init_from={tmp_path}/o", "--prompt=1+2"), "is not there")
+
+
+@pytest.mark.parametrize("sampler", [False, True])
+def test_gated_split_forward_equals_one_forward(tmp_path, sampler):
+    """Training runs the clean stream without a graph into a cache, then the slots with grad:
+    the same slot logits and adapter gradients as one forward over the whole packed layout.
+    With a sampler head, each slot is conditioned on the true token at its own position."""
+    from model import ModelConfig, Transformer
+    prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={tmp_path}", "--toy_rows=60"]))
+    c = configure(defaults_from(vars(train)), ["--mode=interleaved", "--block_size=4", "--gated_lora=True",
+                                               f"--sampler_head={sampler}"])
+    c.mask_id, c.eos_id = 257, 256
+    shards = train.Shards(str(tmp_path), "train")
+    rows = [[train.interleaved_layout(*shards.example(i), c) for i in r] for r in ((0, 1, 2), (3,), (4, 5))]
+    b = train.collate(rows, max(sum(len(l["idx"]) for l in r) for r in rows) + 3, 256)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    model.init_weights(0)
+    model.add_lora(4, 8.0, 0.0, "all-linear", 257, gated=True, sampler_head=sampler)
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if ".lora_B." in k or "fc2" in k:
+                p.normal_(0, 0.05)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    logits, tgt, j, (h, h_twin, logits_twin) = train.gated_slot_forward(model, b, c)
+    sel = (b["tgt"] >= 0) & b["slot"]
+    clean = ~b["slot"] & (b["doc"] >= 0)
+    twins = [int((clean[r] & (b["doc"][r] == b["doc"][r, t]) & (b["pos"][r] == b["pos"][r, t])).nonzero()[0, 0])
+             for r, t in sel.nonzero().tolist()]
+    rows_ = sel.nonzero()[:, 0]
+    prev = b["idx"][rows_, torch.tensor(twins)] if sampler else None   # the input token at the slot's position
+    ref = model(b["idx"], b["pos"], interleaved_mask(b["doc"], b["pos"], b["slot"], b["sj"]), select=sel, prev=prev)
+    assert torch.equal(tgt, b["tgt"][sel]) and torch.equal(j, b["sj"][sel])
+    assert (logits - ref).abs().max() < 1e-5
+    g1 = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, tgt), lora)
+    g2 = torch.autograd.grad(torch.nn.functional.cross_entropy(ref, tgt), lora)
+    assert all((a - b_).abs().max() < 1e-5 * max(1.0, b_.abs().max()) for a, b_ in zip(g1, g2))
+    assert any(a.abs().max() > 0 for a in g1)
+    # each slot's twin: the clean token at its position, found by position in the packed clean stream
+    for n, ((r, t), at) in enumerate(zip(sel.nonzero().tolist(), twins)):
+        d0 = (b["doc"][r] == b["doc"][r, t]).nonzero()[0, 0]   # the document's first token
+        with torch.no_grad():
+            want = model(b["idx"][r:r + 1, d0:at + 1])[0, -1]
+        assert (logits_twin[n] - want).abs().max() < 1e-5

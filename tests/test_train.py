@@ -148,3 +148,65 @@ def test_torch_compile_matches_eager(toy_data, tmp_path):
     run_train(toy_data, tmp_path / "eager", *small)
     run_train(toy_data, tmp_path / "compiled", *small, "--compile=True")
     assert np.allclose(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), rtol=1e-4)
+
+
+def test_epochs_keep_last_and_gradient_checkpointing(toy_data, tmp_path):
+    # epochs: max_iters=0 runs that many epochs of optimizer steps
+    c = configure(defaults_from(vars(train)), [f"--data_dir={toy_data}", *TINY, "--max_iters=0", "--epochs=2",
+                                               f"--out_dir={tmp_path}/e", "--save_interval=3", "--keep_last=2",
+                                               "--batch_size=16", "--max_length=256"])
+    train.train(c)
+    train.resolve(c, 1)
+    per_epoch = train.Batches(train.Shards(toy_data, "train"), c, 1, 0).steps_per_epoch()
+    assert [json.loads(l)["step"] for l in open(tmp_path / "e" / "log.jsonl")] == list(range(1, 2 * per_epoch + 1))
+    # keep_last: only the newest checkpoints stay
+    last = 2 * per_epoch
+    want = sorted({f"ckpt_{s:07d}" for s in range(3, last + 1, 3)} | {f"ckpt_{last:07d}"})[-2:]
+    assert sorted(d for d in os.listdir(tmp_path / "e") if d.startswith("ckpt_")) == want
+
+
+def test_gradient_checkpointing_same_gradients_less_saved_memory(toy_data):
+    from bench import SavedBytes
+    c = configure(defaults_from(vars(train)), [f"--data_dir={toy_data}", "--max_length=256"])
+    train.resolve(c, 1)
+    c.eos_id, c.mask_id = 256, 257
+    b = train.Batches(train.Shards(toy_data, "train"), c, 1, 0).build([[0, 1], [2]])
+    grads, peak = {}, {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = train.Transformer(train.ModelConfig(vocab_size=320, n_layer=3, n_head=2, n_kv_head=2, n_embd=32))
+        m.init_weights(0)
+        m.gradient_checkpointing = ckpt
+        meter = SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            train.sft_loss(m, b, c, None, {"tgt": 1.0}, lambda loss, final: loss.backward())
+        grads[ckpt], peak[ckpt] = [p.grad.clone() for p in m.parameters()], meter.peak
+    assert all(torch.allclose(a, b_, atol=1e-6) for a, b_ in zip(grads[False], grads[True]))
+    assert peak[True] < 0.7 * peak[False]
+
+
+@pytest.mark.parametrize("spec", ["byte", "gpt2"])
+def test_export_hf_writes_a_tokenizer_transformers_loads(tmp_path, spec):
+    import transformers
+    d = tmp_path / "data"
+    prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={d}", "--toy_rows=60", f"--tokenizer={spec}"]))
+    run_train(str(d), tmp_path / "o", "--max_iters=1", "--export_hf=True", "--batch_size=2")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "o" / "hf")
+    ours = prepare.Tokenizer(spec)
+    for text in ["Compute 3+4-2.", "héllo  wörld\n\n\tend 日本 <think>\n", "  it's 've"]:
+        assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert (hf.eos_token_id, hf.mask_token_id) == (ours.eos_id, ours.mask_id)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_gated_lora_matches_single_process(toy_data, tmp_path, parallel):
+    run_train(toy_data, tmp_path / "base", "--max_iters=2")
+    common = ["--max_iters=4", "--gradient_accumulation_steps=2", f"--parallel={parallel}", "--mode=interleaved",
+              f"--init_from={tmp_path / 'base'}", "--lora_rank=4", "--gated_lora=True", "--sampler_head=True"]
+    run_train(toy_data, tmp_path / "single", *common)
+    run_train(toy_data, tmp_path / "dist", *common,
+              prefix=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert np.allclose(losses(tmp_path / "single"), losses(tmp_path / "dist"), rtol=0, atol=1e-5)
+    ck = lambda d: os.path.join(d, sorted(x for x in os.listdir(d) if x.startswith("ckpt_"))[-1], "lora.safetensors")
+    a, b = load_file(ck(tmp_path / "single")), load_file(ck(tmp_path / "dist"))
+    assert set(a) == set(b) and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
