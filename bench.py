@@ -7,6 +7,8 @@ held-out split. Prints Markdown tables, then one JSON line.
     python bench.py --quick          # a smoke run, under two minutes on 2 CPU cores
     python bench.py                  # the README table (about half an hour on 2 CPU cores)
     python bench.py --device=cuda    # adds MFU
+    python bench.py --only="interleaved B=4 gated lora from sft"   # some runs (sft always), reusing
+                                     # finished runs in --out_dir; bench.png: accuracy vs tokens/forward
 """
 import json
 import os

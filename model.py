@@ -284,13 +284,17 @@ class SamplerHead(nn.Module):
 
 
 def project(linear, x, gate=None):
-    """linear(x) plus its LoRA delta where it has one; with gate (B, T, 1) only where gate is True
-    (gated LoRA: elsewhere the output is the frozen layer's, bit for bit)."""
+    """linear(x) plus its LoRA delta where it has one. Gated LoRA: gate holds the flat indices of
+    the (B*T) rows that get the delta, computed there only; every other row is the frozen
+    layer's output, bit for bit (and with no gated row the adapters cost nothing)."""
     y = linear(x)
     lora = getattr(linear, "lora", None)
     if lora is None:
         return y
-    return y + lora(x) if gate is None else torch.where(gate, y + lora(x), y)
+    if gate is None:
+        return y + lora(x)
+    flat = y.reshape(-1, y.shape[-1])
+    return flat.index_add(0, gate, lora(x.reshape(-1, x.shape[-1])[gate]).to(y.dtype)).view_as(y)
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -413,7 +417,7 @@ class Transformer(nn.Module):
         if self.mask_embed is not None:
             is_mask = (idx == self.lora_config["mask_id"])[..., None]           # (B, T, 1)
             x = torch.where(is_mask, self.mask_embed.to(x.dtype), x)
-            gate = is_mask if self.lora_config["gated"] else None
+            gate = is_mask.view(-1).nonzero()[:, 0] if self.lora_config["gated"] else None   # gated rows
         rope = rope_tables(self.inv_freq, pos, x.dtype)
         for layer, lc in zip(self.layers, layer_caches):
             if self.gradient_checkpointing and self.training:

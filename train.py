@@ -42,7 +42,6 @@ ar_loss_weight = 0.0          # + this * next-token loss on the clean sequence (
 # interleaved (next-block prediction)
 block_size = 4                # B: one forward yields the next B tokens
 mask_loss_weight = 1.0        # weight of the slot loss beside the clean-stream AR loss
-latent_loss_weight = 0.0      # gated: + this * |slot hidden - clean hidden at its position|^2 (Apple's LCM)
 # diffusion (LLaDA / Dream masked diffusion)
 gen_length = 0                # responses are EOS-padded to this many tokens, pads supervised (LLaDA)
 shift = False                 # Dream: position i predicts token i+1 (for models adapted from AR)
@@ -404,8 +403,7 @@ def split_rows(b, keep, pad_id):
 def gated_slot_forward(model, b, c):
     """Gated LoRA: clean tokens compute the frozen base model and see no slot, so the clean
     stream runs once without a graph into a KV cache, and only the slots run with grad, attending
-    to it (the decoding rule, used for training). Returns slot logits, targets, slot indices,
-    and (slot hidden states, twin hidden states, twin logits) for the consistency terms."""
+    to it (the decoding rule, used for training). Returns slot logits, targets and slot indices."""
     real = b["doc"] >= 0
     cl, _, nc = split_rows(b, real & ~b["slot"], c.eos_id)
     sl, svalid, _ = split_rows(b, real & b["slot"], c.eos_id)
@@ -413,13 +411,12 @@ def gated_slot_forward(model, b, c):
     dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else torch.float32
     cache = KVCache(getattr(model, "module", model).config, B, Lc + Ts, dev, dtype)
     sel = svalid & (sl["tgt"] >= 0)
-    # a slot's twin: the clean token at its position in its document, which predicts the same token
+    # a slot's twin: the clean token at its position in its document (the sampler head's previous token)
     first = torch.full((B, int(cl["doc"].max()) + 3), Lc, device=dev).scatter_reduce(
         1, cl["doc"] + 2, torch.arange(Lc, device=dev).expand(B, Lc), "amin")
     twin = torch.where(sel, first.gather(1, sl["doc"] + 2) + sl["pos"], Lc)
-    twins = torch.zeros(B, Lc + 1, dtype=torch.bool, device=dev).scatter(1, twin, True)[:, :Lc]
     with torch.no_grad():
-        base = model(cl["idx"], cl["pos"], causal_mask(cl["doc"]), cache=cache, select=twins, return_hidden=True)
+        model(cl["idx"], cl["pos"], causal_mask(cl["doc"]), cache=cache, select=torch.zeros_like(cl["doc"], dtype=torch.bool))
     cache.commit(nc)
 
     def physical(clean, slots):   # (B, Lc + Ts): row r holds its nc[r] clean tokens, then its slots
@@ -429,32 +426,29 @@ def gated_slot_forward(model, b, c):
                             physical(torch.zeros_like(real[:, :Lc]), torch.ones_like(svalid)),
                             physical(cl["sj"], sl["sj"]))
     prev = cl["idx"].gather(1, twin.clamp(max=Lc - 1))[sel] if c.sampler_head else None   # the token at s+j
-    logits, hidden = model(sl["idx"], sl["pos"], mask, cache=cache, select=sel, return_hidden=True, prev=prev)
-    return logits, sl["tgt"][sel], sl["sj"][sel], (hidden, *reversed(base))
+    logits = model(sl["idx"], sl["pos"], mask, cache=cache, select=sel, prev=prev)
+    return logits, sl["tgt"][sel], sl["sj"][sel]
 
 
 def interleaved_loss(model, b, c, gen, norm, backward):
     """AR loss on the clean stream + mask_loss_weight * loss on the slots, each divided by its
     own global count; per-slot-index loss and accuracy for the logs. Gated LoRA: the clean stream
     is the frozen base model and its loss a constant: only the slots are trained (and run with grad)."""
-    out, extra = {}, 0.0
+    out = {}
     if c.gated_lora:
-        logits, tgt, j, (h, h_twin, _) = gated_slot_forward(model, b, c)
+        logits, tgt, j = gated_slot_forward(model, b, c)
         is_slot = torch.ones_like(tgt, dtype=torch.bool)
-        if c.latent_loss_weight:   # Apple's latent consistency: the slot's state toward its twin's
-            lat = (h.float() - h_twin.float()).pow(2).mean(-1).sum()
-            extra, out["loss_latent"] = extra + c.latent_loss_weight * lat / norm["slot"], lat.item() / norm["slot"]
     else:
         sel = b["tgt"] >= 0
         logits = model(b["idx"], b["pos"], interleaved_mask(b["doc"], b["pos"], b["slot"], b["sj"]), select=sel)
         tgt, is_slot, j = b["tgt"][sel], b["slot"][sel], b["sj"][sel]
     ce = F.cross_entropy(logits.float(), tgt, reduction="none")
     ar, sl = ce[~is_slot].sum(), ce[is_slot].sum()
-    backward(ar / norm["tgt"] + c.mask_loss_weight * sl / norm["slot"] + extra, final=True)
+    backward(ar / norm["tgt"] + c.mask_loss_weight * sl / norm["slot"], final=True)
     out["loss_slot"] = sl.item() / norm["slot"]
     if not c.gated_lora:
         out["loss_ar"] = ar.item() / norm["tgt"]
-    out["loss"] = out.get("loss_ar", 0.0) + c.mask_loss_weight * out["loss_slot"] + float(extra)
+    out["loss"] = out.get("loss_ar", 0.0) + c.mask_loss_weight * out["loss_slot"]
     hit = logits.argmax(-1) == tgt
     for k in range(c.block_size - 1):
         m = is_slot & (j == k)
@@ -768,8 +762,8 @@ def resolve(c, world):
         parse_lora_targets(c.lora_targets)
     if c.gated_lora and not (c.mode == "interleaved" and c.lora_rank > 0):
         raise UserError("gated_lora=True needs mode=interleaved and lora_rank > 0")
-    if (c.latent_loss_weight or c.sampler_head) and not c.gated_lora:
-        raise UserError("latent_loss_weight and sampler_head need gated_lora=True")
+    if c.sampler_head and not c.gated_lora:
+        raise UserError("sampler_head=True needs gated_lora=True")
     if c.gated_lora and c.export_hf:
         raise UserError("export_hf: gated LoRA adapters cannot be merged (they act at MASK slots only); "
                         "generate.py loads the checkpoint's base + adapters directly")

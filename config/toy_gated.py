@@ -9,5 +9,6 @@ mode = "interleaved"
 block_size = 4
 max_length = 384   # rows hold the MASK slots too
 lora_rank = 32
-lora_alpha = 32.0
+lora_alpha = 32.0    # scale alpha / rank = 1
 gated_lora = True
+sampler_head = True   # each slot's draft conditioned on the one before it: +0.16-0.21 tokens/forward (README)

@@ -240,7 +240,7 @@ def test_gated_split_forward_equals_one_forward(tmp_path, sampler):
             if ".lora_B." in k or "fc2" in k:
                 p.normal_(0, 0.05)
     lora = [p for p in model.parameters() if p.requires_grad]
-    logits, tgt, j, (h, h_twin, logits_twin) = train.gated_slot_forward(model, b, c)
+    logits, tgt, j = train.gated_slot_forward(model, b, c)
     sel = (b["tgt"] >= 0) & b["slot"]
     clean = ~b["slot"] & (b["doc"] >= 0)
     twins = [int((clean[r] & (b["doc"][r] == b["doc"][r, t]) & (b["pos"][r] == b["pos"][r, t])).nonzero()[0, 0])
@@ -254,9 +254,3 @@ def test_gated_split_forward_equals_one_forward(tmp_path, sampler):
     g2 = torch.autograd.grad(torch.nn.functional.cross_entropy(ref, tgt), lora)
     assert all((a - b_).abs().max() < 1e-5 * max(1.0, b_.abs().max()) for a, b_ in zip(g1, g2))
     assert any(a.abs().max() > 0 for a in g1)
-    # each slot's twin: the clean token at its position, found by position in the packed clean stream
-    for n, ((r, t), at) in enumerate(zip(sel.nonzero().tolist(), twins)):
-        d0 = (b["doc"][r] == b["doc"][r, t]).nonzero()[0, 0]   # the document's first token
-        with torch.no_grad():
-            want = model(b["idx"][r:r + 1, d0:at + 1])[0, -1]
-        assert (logits_twin[n] - want).abs().max() < 1e-5

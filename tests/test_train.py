@@ -202,6 +202,7 @@ def test_export_hf_writes_a_tokenizer_transformers_loads(tmp_path, spec):
 def test_torchrun_gated_lora_matches_single_process(toy_data, tmp_path, parallel):
     run_train(toy_data, tmp_path / "base", "--max_iters=2")
     common = ["--max_iters=4", "--gradient_accumulation_steps=2", f"--parallel={parallel}", "--mode=interleaved",
+              "--max_length=256",
               f"--init_from={tmp_path / 'base'}", "--lora_rank=4", "--gated_lora=True", "--sampler_head=True"]
     run_train(toy_data, tmp_path / "single", *common)
     run_train(toy_data, tmp_path / "dist", *common,
