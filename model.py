@@ -289,7 +289,7 @@ def project(linear, x, gate=None):
     layer's output, bit for bit (and with no gated row the adapters cost nothing)."""
     y = linear(x)
     lora = getattr(linear, "lora", None)
-    if lora is None:
+    if lora is None or (gate is not None and len(gate) == 0):
         return y
     if gate is None:
         return y + lora(x)
@@ -416,8 +416,10 @@ class Transformer(nn.Module):
         gate = None
         if self.mask_embed is not None:
             is_mask = (idx == self.lora_config["mask_id"])[..., None]           # (B, T, 1)
-            x = torch.where(is_mask, self.mask_embed.to(x.dtype), x)
-            gate = is_mask.view(-1).nonzero()[:, 0] if self.lora_config["gated"] else None   # gated rows
+            rows = is_mask.view(-1).nonzero()[:, 0]
+            if len(rows):
+                x = torch.where(is_mask, self.mask_embed.to(x.dtype), x)
+            gate = rows if self.lora_config["gated"] else None   # gated LoRA: the MASK rows only
         rope = rope_tables(self.inv_freq, pos, x.dtype)
         for layer, lc in zip(self.layers, layer_caches):
             if self.gradient_checkpointing and self.training:
