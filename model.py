@@ -227,10 +227,10 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------- LoRA
 
-# each HF projection name -> (submodule, our fused linear, slice index in its output)
-LORA_SLOTS = {"q": ("self_attn", "qkv_proj", 0), "k": ("self_attn", "qkv_proj", 1), "v": ("self_attn", "qkv_proj", 2),
-              "o": ("self_attn", "o_proj", 0), "gate": ("mlp", "gate_up_proj", 0), "up": ("mlp", "gate_up_proj", 1),
-              "down": ("mlp", "down_proj", 0)}
+# each HF projection name -> (submodule, our fused linear); slices of a fused one in this order
+LORA_SLOTS = {"q": ("self_attn", "qkv_proj"), "k": ("self_attn", "qkv_proj"), "v": ("self_attn", "qkv_proj"),
+              "o": ("self_attn", "o_proj"), "gate": ("mlp", "gate_up_proj"), "up": ("mlp", "gate_up_proj"),
+              "down": ("mlp", "down_proj")}
 
 
 def parse_lora_targets(targets):
@@ -446,7 +446,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             for sub, name in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj")):
                 lin = getattr(getattr(layer, sub), name)
-                slices = [(n, sizes[n]) for n, (s, f, _) in LORA_SLOTS.items() if (s, f) == (sub, name)]
+                slices = [(n, sizes[n]) for n, where in LORA_SLOTS.items() if where == (sub, name)]
                 if any(n in targets for n, _ in slices):
                     lin.lora = LoRA(lin.in_features, slices, targets, rank, alpha, dropout).to(lin.weight.device, lin.weight.dtype)
         if mask_id is not None:

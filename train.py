@@ -411,10 +411,6 @@ def gated_slot_forward(model, b, c):
     dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else torch.float32
     cache = KVCache(getattr(model, "module", model).config, B, Lc + Ts, dev, dtype)
     sel = svalid & (sl["tgt"] >= 0)
-    # a slot's twin: the clean token at its position in its document (the sampler head's previous token)
-    first = torch.full((B, int(cl["doc"].max()) + 3), Lc, device=dev).scatter_reduce(
-        1, cl["doc"] + 2, torch.arange(Lc, device=dev).expand(B, Lc), "amin")
-    twin = torch.where(sel, first.gather(1, sl["doc"] + 2) + sl["pos"], Lc)
     with torch.no_grad():
         model(cl["idx"], cl["pos"], causal_mask(cl["doc"]), cache=cache, select=torch.zeros_like(cl["doc"], dtype=torch.bool))
     cache.commit(nc)
@@ -425,7 +421,11 @@ def gated_slot_forward(model, b, c):
     mask = interleaved_mask(physical(cl["doc"], sl["doc"]), physical(cl["pos"], sl["pos"]),
                             physical(torch.zeros_like(real[:, :Lc]), torch.ones_like(svalid)),
                             physical(cl["sj"], sl["sj"]))
-    prev = cl["idx"].gather(1, twin.clamp(max=Lc - 1))[sel] if c.sampler_head else None   # the token at s+j
+    prev = None
+    if c.sampler_head:   # the token at s+j: the clean token at the slot's position in its document
+        first = torch.full((B, int(cl["doc"].max()) + 3), Lc, device=dev).scatter_reduce(
+            1, cl["doc"] + 2, torch.arange(Lc, device=dev).expand(B, Lc), "amin")
+        prev = cl["idx"].gather(1, (first.gather(1, sl["doc"] + 2) + sl["pos"]).clamp(max=Lc - 1))[sel]
     logits = model(sl["idx"], sl["pos"], mask, cache=cache, select=sel, prev=prev)
     return logits, sl["tgt"][sel], sl["sj"][sel]
 
