@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from configurator import UserError, configure, cli, defaults_from, print_config
-from model import (KVCache, bidirectional_mask, block_causal_mask, from_pretrained, interleaved_mask,
+from model import (KVCache, bidirectional_mask, block_causal_mask, interleaved_mask, load_checkpoint,
                    latest_checkpoint, load_lora_checkpoint)
 from prepare import Tokenizer, read_rows, row_texts
 
@@ -100,7 +100,7 @@ def load(init_from, device="cpu", dtype=torch.float32):
     if "lora" in info:   # adapters (gated ones included) applied to the base the checkpoint names
         model = load_lora_checkpoint(ckpt, info, device, dtype)
     else:
-        model = from_pretrained(ckpt, device=device, dtype=dtype)
+        model = load_checkpoint(ckpt, device=device, dtype=dtype)
     model = model.eval().set_backend("sdpa")
     return model, info, Tokenizer(info["tokenizer_path"])
 

@@ -368,18 +368,21 @@ class Transformer(nn.Module):
     def init_weights(self, seed=None):
         """Every tensor's init in one place: N(0, 0.02) for matrices and embeddings, the output
         projections of each residual branch scaled by 1/sqrt(2 n_layer) (GPT-2), zero biases,
-        unit norm weights."""
+        unit norm weights. On an FSDP2-sharded model each rank keeps its rows of the same draws,
+        so the model is the one a single process gets."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         std = 0.02
         for name, p in self.named_parameters():
+            local, a = local_rows(p)
             if name.endswith("norm.weight") or "layernorm" in name:
-                p.fill_(1.0)
+                local.fill_(1.0)
             elif name.endswith(".bias"):
-                p.zero_()
+                local.zero_()
             else:
                 s = std / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
-                p.copy_(torch.randn(p.shape, generator=g) * s)
-        self.inv_freq.copy_(rope_inv_freq(self.config))
+                local.copy_((torch.randn(p.shape, generator=g) * s)[a:a + local.shape[0]])
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
 
     def _attend(self, mask_mod, B, T, S, device, start):
         if start is not None:
@@ -555,29 +558,6 @@ def config_from_hf(hf, path):
         raise UserError(f"{where}: missing key {e.args[0]!r}") from None
 
 
-def _read_weights(path):
-    """{name: tensor} and {name: file} from model.safetensors, a sharded index, or pytorch_model.bin."""
-    from safetensors.torch import load_file
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(single):
-        files = ["model.safetensors"]
-    elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
-        sd = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-        return sd, {k: "pytorch_model.bin" for k in sd}
-    else:
-        raise UserError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-    sd, origin = {}, {}
-    for name in files:
-        part = load_file(os.path.join(path, name))
-        sd.update(part)
-        origin.update({k: name for k in part})
-    return sd, origin
-
-
 def to_hf_state(sd, cfg):
     """Our state dict -> HF names: split the fused qkv and gate_up projections."""
     H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -597,47 +577,137 @@ def to_hf_state(sd, cfg):
     return out
 
 
-def from_hf_state(hf, ours_names):
-    """HF state dict -> our names, fusing q/k/v and gate/up in the order to_hf_state splits them."""
-    out = {}
-    for name in ours_names:
+class HFWeights:
+    """An HF folder's weights, read lazily a slice at a time (safetensors, a sharded index, or
+    pytorch_model.bin memory-mapped). rows(name, a, b) gives rows a:b of one of *our* tensors,
+    fusing q|k|v and gate|up slice by slice: a rank reads only its shard, and no process ever
+    holds the whole model (meta-device init, torchtitan's way). Names and shapes are checked
+    against config.json up front."""
+
+    def __init__(self, path, cfg, ours):
+        from safetensors import safe_open
+        index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.exists(single):
+            files = ["model.safetensors"]
+        elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
+            files = ["pytorch_model.bin"]
+        else:
+            raise UserError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+        self.cfg, self.src, self.shape, origin = cfg, {}, {}, {}
+        for name in files:
+            if name.endswith(".bin"):
+                sd = torch.load(os.path.join(path, name), map_location="cpu", weights_only=True, mmap=True)
+                handle = None
+            else:
+                handle = safe_open(os.path.join(path, name), framework="pt")
+                sd = {k: handle.get_slice(k) for k in handle.keys()}
+            for k, v in sd.items():
+                self.src[k], origin[k] = v, name
+                self.shape[k] = tuple(v.shape) if handle is None else tuple(v.get_shape())
+        expected = to_hf_state(ours, cfg)   # HF names and shapes, from meta tensors
+        for key, p in expected.items():
+            if key not in self.src:
+                raise UserError(f"{path}: weight {key!r} missing (model_type {cfg.model_type})")
+            if self.shape[key] != tuple(p.shape):
+                raise UserError(f"{os.path.join(path, origin[key])}: weight {key!r} has shape "
+                                f"{self.shape[key]}, config.json implies {tuple(p.shape)}")
+        extra = [k for k in self.src if k not in expected and k != "lm_head.weight" and not k.endswith("rotary_emb.inv_freq")]
+        if extra:
+            raise UserError(f"{os.path.join(path, origin[extra[0]])}: unexpected weight {extra[0]!r} "
+                            f"for model_type {cfg.model_type}")
+
+    def parts(self, name):
+        """The HF tensors stacked along dim 0 that make our tensor `name`."""
         key = name if name.startswith("lm_head") else "model." + name
+        if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            key = "model.embed_tokens.weight"
         if ".qkv_proj." in key:
-            out[name] = torch.cat([hf[key.replace("qkv_proj", f"{p}_proj")] for p in "qkv"])
-        elif ".gate_up_proj." in key:
-            out[name] = torch.cat([hf[key.replace("gate_up", "gate")], hf[key.replace("gate_up", "up")]])
-        elif key in hf:
-            out[name] = hf[key]
-    return out
+            return [key.replace("qkv_proj", f"{p}_proj") for p in "qkv"]
+        if ".gate_up_proj." in key:
+            return [key.replace("gate_up", "gate"), key.replace("gate_up", "up")]
+        return [key]
+
+    def rows(self, name, a, b, dtype=torch.float32):
+        out, at = [], 0
+        for key in self.parts(name):
+            n = self.shape[key][0]
+            lo, hi = max(a - at, 0), min(b - at, n)
+            if lo < hi:
+                out.append(self.src[key][lo:hi].to(dtype))
+            at += n
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    def full(self, name, dtype=torch.float32):
+        return self.rows(name, 0, sum(self.shape[k][0] for k in self.parts(name)), dtype)
 
 
-def from_pretrained(path, device="cpu", dtype=torch.float32):
-    """Load an HF checkpoint folder (llama, qwen2, qwen3, mistral) into our Transformer."""
+def empty(model, device):
+    """to_empty, keeping a tied head tied (to_empty from meta makes new parameters)."""
+    model.to_empty(device=device)
+    if model.config.tie_word_embeddings and not hasattr(model.embed_tokens.weight, "device_mesh"):
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def local_rows(p):
+    """(local tensor, its first row in the full tensor): a plain tensor itself and 0, or the shard
+    an FSDP2 DTensor parameter keeps on this rank (dim 0 cut in torch.chunk's way)."""
+    if not hasattr(p, "device_mesh"):
+        return p.data, 0
+    world, r = p.device_mesh.size(), p.device_mesh.get_local_rank()
+    return p.to_local(), min(r * -(-p.shape[0] // world), p.shape[0])
+
+
+@torch.no_grad()
+def materialize(model, device, rows_of):
+    """A model built on the meta device (maybe sharded) made real: to_empty, then every parameter
+    (this rank's rows of it) from rows_of(name, shape, a, b), one tensor at a time."""
+    empty(model, device)
+    for name, p in model.named_parameters():   # a tied head comes once, as embed_tokens.weight
+        local, a = local_rows(p)
+        if local.numel():
+            local.copy_(rows_of(name, tuple(p.shape), a, a + local.shape[0]))
+    model.inv_freq = rope_inv_freq(model.config).to(device)
+    return model
+
+
+def read_hf_config(path):
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise UserError(f"{path}: no config.json (expected a Hugging Face model folder)")
     with open(cfg_file) as f:
-        cfg = config_from_hf(json.load(f), path)
+        return config_from_hf(json.load(f), path)
+
+
+def hf_source(path, vocab_size=0):
+    """(model on meta, rows_of) for an HF folder; vocab_size beyond the folder's grows the
+    embedding (resize_vocab: new rows are the mean of the old ones)."""
+    cfg = read_hf_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
-    sd, origin = _read_weights(path)
-    expected = to_hf_state(model.state_dict(), cfg)   # HF names and shapes, from meta tensors
-    for key, p in expected.items():
-        if key not in sd:
-            raise UserError(f"{path}: weight {key!r} missing (model_type {cfg.model_type})")
-        if tuple(sd[key].shape) != tuple(p.shape):
-            raise UserError(f"{os.path.join(path, origin[key])}: weight {key!r} has shape "
-                            f"{tuple(sd[key].shape)}, config.json implies {tuple(p.shape)}")
-    extra = [k for k in sd if k not in expected and k != "lm_head.weight" and not k.endswith("rotary_emb.inv_freq")]
-    if extra:
-        raise UserError(f"{os.path.join(path, origin[extra[0]])}: unexpected weight {extra[0]!r} "
-                        f"for model_type {cfg.model_type}")
-    ours = {k: v.to(dtype) for k, v in from_hf_state(sd, model.state_dict()).items()}
-    model.load_state_dict(ours, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(cfg)
-    return model.to(device)
+    weights, old = HFWeights(path, cfg, model.state_dict()), cfg.vocab_size
+    model.resize_vocab(vocab_size)
+    mean = {}
+
+    def rows_of(name, shape, a, b):
+        if name not in ("embed_tokens.weight", "lm_head.weight") or b <= old:
+            return weights.rows(name, a, b)
+        if name not in mean:
+            mean[name] = weights.full(name).mean(0)
+        out = mean[name].expand(b - a, -1).clone()
+        if a < old:
+            out[:old - a] = weights.rows(name, a, old)
+        return out
+    return model, weights, rows_of
+
+
+def from_pretrained(path, device="cpu", dtype=torch.float32):
+    """Load an HF checkpoint folder (llama, qwen2, qwen3, mistral) into our Transformer."""
+    model, _, rows_of = hf_source(path)
+    return materialize(model, device, rows_of).to(dtype)
 
 
 def hf_config(cfg, bos_id=None, eos_id=None):
@@ -671,6 +741,53 @@ def save_pretrained(model, path, tokenizer_dir=None, bos_id=None, eos_id=None, s
         for name in os.listdir(tokenizer_dir):
             if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens")):
                 shutil.copy(os.path.join(tokenizer_dir, name), path)
+
+
+def load_checkpoint_state(ckpt, sd, keys="model", distributed=False):
+    """Fill sd (tensors, or an FSDP2 model's DTensor shards) in place from the sharded DCP state of a
+    training checkpoint, whatever number of ranks wrote it."""
+    state = os.path.join(ckpt, "state")
+    if not os.path.isfile(os.path.join(state, ".metadata")):
+        raise UserError(f"{ckpt}: no state/.metadata (not a complete training checkpoint)")
+    dcp_call("load", {keys: sd}, checkpoint_id=state, no_dist=not distributed)
+
+
+def dcp_call(fn, *args, **kw):
+    """torch.distributed.checkpoint.save/load; in one process it warns that it assumes one
+    process, which is meant."""
+    import warnings
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        return getattr(dcp, fn)(*args, **kw)
+
+
+def checkpoint_source(ckpt):
+    """(model on meta, fill(model, device)) for a full-model training checkpoint."""
+    cfg = read_hf_config(ckpt)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+
+    def fill(m, device, distributed=False):
+        empty(m, device)
+        if distributed:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+            sd = get_model_state_dict(m)
+            load_checkpoint_state(ckpt, sd, distributed=True)
+            set_model_state_dict(m, sd)
+        else:
+            load_checkpoint_state(ckpt, m.state_dict())
+        m.inv_freq = rope_inv_freq(cfg).to(device)
+        return m
+    return model, fill
+
+
+def load_checkpoint(ckpt, device="cpu", dtype=torch.float32):
+    """A full-model training checkpoint in one process, or an HF folder."""
+    if not os.path.isdir(os.path.join(ckpt, "state")):
+        return from_pretrained(ckpt, device, dtype)
+    model, fill = checkpoint_source(ckpt)
+    return fill(model, device).to(dtype)
 
 
 def latest_checkpoint(out_dir):
@@ -715,9 +832,9 @@ def save_peft_adapter(model, path, sd=None):
 
 
 def load_base(path, vocab_size, device="cpu", dtype=torch.float32):
-    """An HF folder as the frozen base of a LoRA run: the model (vocabulary grown to hold the
-    data's added tokens) and the fingerprint of the weights as read."""
-    model = from_pretrained(path, dtype=dtype)
+    """An HF folder or a training checkpoint as the frozen base of a LoRA run: the model
+    (vocabulary grown to hold the data's added tokens) and the fingerprint of the weights as read."""
+    model = load_checkpoint(path, dtype=dtype)
     fp = fingerprint(model)
     if vocab_size > model.config.vocab_size:   # the MASK token, added past the vocabulary
         model.resize_vocab(vocab_size)
@@ -726,7 +843,6 @@ def load_base(path, vocab_size, device="cpu", dtype=torch.float32):
 
 def load_lora_checkpoint(ckpt, info, device="cpu", dtype=torch.float32):
     """A LoRA checkpoint (info.json's "lora" + lora.safetensors) applied to the base it names."""
-    from safetensors.torch import load_file
     lc = info["lora"]
     if not os.path.isfile(os.path.join(lc["base"], "config.json")):
         raise UserError(f"{ckpt}: its adapters apply to the base model {lc['base']}, which is not there")
@@ -737,11 +853,8 @@ def load_lora_checkpoint(ckpt, info, device="cpu", dtype=torch.float32):
     model.add_lora(lc["rank"], lc["alpha"], lc["dropout"], lc["targets"], lc["mask_id"], lc["gated"],
                    lc.get("sampler_head", False))
     model.lora_config.update(base=lc["base"], base_fingerprint=fp)
-    sd = load_file(os.path.join(ckpt, "lora.safetensors"))
-    want = set(model.lora_state())
-    if set(sd) != want:
-        raise UserError(f"{ckpt}/lora.safetensors: tensors {sorted(set(sd) ^ want)[:3]} do not match its lora settings")
-    model.load_state_dict(sd, strict=False)
+    sd = model.lora_state()   # views of the adapters: filled in place
+    load_checkpoint_state(ckpt, sd)
     return model
 
 

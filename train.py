@@ -4,7 +4,7 @@ under torchrun. Each mode adds one layout function (how an example is laid out i
 and one loss function; the loop, packing, checkpoints and logging are shared.
 
     python train.py config/toy.py
-    torchrun --standalone --nproc_per_node=8 train.py config/gsm8k_sft.py --parallel=fsdp
+    torchrun --standalone --nproc_per_node=8 train.py config/gsm8k_gpu.py
 """
 import json
 import math
@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from configurator import UserError, configure, cli, defaults_from, print_config
-from model import (KVCache, ModelConfig, Transformer, latest_checkpoint, bidirectional_mask, causal_mask, from_pretrained, interleaved_mask,
-                   load_base, load_lora_checkpoint, pad_vocab, parse_lora_targets, pick_backend, save_peft_adapter,
+from model import (KVCache, ModelConfig, Transformer, bidirectional_mask, causal_mask, checkpoint_source, dcp_call, empty,
+                   hf_config, hf_source, interleaved_mask, latest_checkpoint, load_base, load_checkpoint_state,
+                   load_lora_checkpoint, materialize, pad_vocab, parse_lora_targets, pick_backend, save_peft_adapter,
                    save_pretrained)
 from prepare import Tokenizer
 
@@ -109,7 +110,8 @@ class Shards:
         base = os.path.join(data_dir, split)
         with open(os.path.join(data_dir, "meta.json")) as f:
             self.meta = json.load(f)
-        self.tokens = np.memmap(base + ".bin", dtype=self.meta["dtype"], mode="r")
+        empty = os.path.getsize(base + ".bin") == 0   # np.memmap refuses an empty file
+        self.tokens = np.zeros(0, self.meta["dtype"]) if empty else np.memmap(base + ".bin", dtype=self.meta["dtype"], mode="r")
         self.index = np.load(base + ".idx.npy", mmap_mode="r")
 
     def __len__(self):
@@ -180,7 +182,7 @@ class Batches:
             raise UserError(f"{too_long} examples need more than max_length={c.max_length} tokens in mode "
                             f"{c.mode} (longest {self.lengths.max()}); raise max_length or re-run prepare.py")
         self.per_step = c.batch_size * c.grad_accum * world   # rows per optimizer step
-        self.epoch, self.rows = -1, []
+        self.epoch, self.rows, self.spe = -1, [], None
 
     def rows_for_epoch(self, e):
         if self.epoch != e:
@@ -192,7 +194,9 @@ class Batches:
         return self.rows
 
     def steps_per_epoch(self):
-        return len(self.rows_for_epoch(0)) // self.per_step   # the remainder is reshuffled next epoch
+        if self.spe is None:   # epoch 0's count for every epoch; the remainder is reshuffled next epoch
+            self.spe = len(self.rows_for_epoch(0)) // self.per_step
+        return self.spe
 
     def step(self, step):
         """This rank's micro-batches for optimizer step `step`: [(global micro index, rows)]."""
@@ -208,7 +212,10 @@ class Batches:
     def build(self, rows):
         c = self.c
         layouts = [[MODES[c.mode]["layout"](*self.shards.example(i), c) for i in row] for row in rows]
-        T = c.max_length if c.pack else max(sum(len(l["idx"]) for l in row) for row in layouts)
+        T = c.max_length
+        if not c.pack:   # the longest row; on CUDA rounded up to a multiple of 128, a few shapes for compiled Flex
+            q = 128 if c.device.startswith("cuda") else 1
+            T = min(-(-max(sum(len(l["idx"]) for l in row) for row in layouts) // q) * q, c.max_length)
         return collate(layouts, T, c.eos_id)
 
 
@@ -275,9 +282,10 @@ def refine_loss(model, b, c, gen, norm, backward):
     total = 0.0
     for k in range(c.num_iterations):
         out[f"draft_acc_s{k}"] = (s[resp] == b["idx"][resp]).sum().item() / norm["tgt"]
-        logits = model(s, b["pos"], mask, select=sel)
-        loss = ce_sum(logits, b["tgt"][sel])
         last = k == c.num_iterations - 1 and not c.ar_loss_weight
+        with backward.hold(not last):
+            logits = model(s, b["pos"], mask, select=sel)
+        loss = ce_sum(logits, b["tgt"][sel])
         backward(weights[k] * loss / norm["tgt"], final=last)
         out[f"loss_s{k}"] = loss.item() / norm["tgt"]
         total += weights[k] * out[f"loss_s{k}"]
@@ -345,7 +353,8 @@ def diffusion_loss(model, b, c, gen, norm, backward):
     t_tok = t_doc.to(resp.device).gather(1, b["doc"].clamp(min=0))
     masked = resp & (torch.rand(resp.shape, generator=gen).to(resp.device) < t_tok)
     mask = bidirectional_mask(b["doc"])
-    loss, ce = diffusion_term(model, b, c, masked, t_tok, mask)
+    with backward.hold(c.complementary_mask):
+        loss, ce = diffusion_term(model, b, c, masked, t_tok, mask)
     out = {"masked_ce": ce.item() / norm["tgt"]}
     if c.complementary_mask:   # the same example with exactly the other response tokens masked
         backward(0.5 * loss / norm["tgt"], final=False)
@@ -477,12 +486,12 @@ MODES = {
 # ----------------------------------------------------------------------------- setup
 
 def setup_distributed(c):
-    """(world, rank, local_rank); under torchrun a process group on gloo (CPU) or nccl (CUDA)."""
+    """(world, rank, local_rank); under torchrun a process group: gloo on CPU, NCCL for CUDA
+    tensors plus gloo for any CPU ones on GPUs."""
     if "RANK" not in os.environ:
         return 1, 0, 0
     import torch.distributed as dist
-    backend = "nccl" if c.device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if c.device.startswith("cuda") else "gloo")
     local = int(os.environ["LOCAL_RANK"])
     if c.device.startswith("cuda"):
         c.device = f"cuda:{local}"
@@ -490,20 +499,24 @@ def setup_distributed(c):
     return dist.get_world_size(), dist.get_rank(), local
 
 
-def all_reduce(t):
+def all_reduce(values, device):
+    """Sum a list of floats over ranks, on the training device (NCCL serves CUDA tensors only)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
-    return t
+    return t.tolist()
 
 
 def build_model(c, meta):
-    """The model and the step to start from. Every path yields full weights on each rank."""
+    """(model, fill): a full model is built on the meta device and fill(model, device) makes it
+    real after FSDP2 has sharded it, each rank initialising or reading only its own rows
+    (torchtitan's way); a LoRA model is its full frozen base plus adapters, built here."""
     if c.init_from == "scratch":
         cfg = ModelConfig(vocab_size=pad_vocab(meta["vocab_size"]), n_layer=c.n_layer, n_head=c.n_head,
                           n_kv_head=c.n_kv_head, n_embd=c.n_embd, max_position_embeddings=c.max_length)
-        model = Transformer(cfg)
-        model.init_weights(c.seed)
-        return model
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        return model, lambda m, device, dist: empty(m, device).init_weights(c.seed)
     path = latest_checkpoint(c.out_dir) if c.init_from == "resume" else c.init_from
     if path is None:
         raise UserError(f"init_from=resume: no checkpoint in {c.out_dir}")
@@ -521,9 +534,10 @@ def build_model(c, meta):
     if info and info["tokenizer_spec"] != meta["tokenizer"]:
         raise UserError(f"{c.data_dir} was prepared with tokenizer {meta['tokenizer']!r}, but {path} "
                         f"with {info['tokenizer_spec']!r}")
+    real = lambda m, device, dist: m.to(device)
     if "lora" in info:
         if c.init_from == "resume":
-            return load_lora_checkpoint(path, info)
+            return load_lora_checkpoint(path, info), real
         raise UserError(f"init_from={path} holds LoRA adapters, not a model: train it with --export_hf=True "
                         f"and start from its out_dir/hf")
     if c.lora_rank:   # freeze what was loaded, add adapters; the checkpoint names this base
@@ -532,11 +546,11 @@ def build_model(c, meta):
                        meta["mask_id"] if c.mode in ("interleaved", "diffusion") else None, c.gated_lora,
                        c.sampler_head)
         model.lora_config.update(base=os.path.abspath(path), base_fingerprint=fp)
-        return model
-    model = from_pretrained(path)
-    if meta["vocab_size"] > model.config.vocab_size:   # the MASK token, added past the vocabulary
-        model.resize_vocab(meta["vocab_size"])
-    return model
+        return model, real
+    if info:   # a training checkpoint: its sharded state, read by each rank for its rows
+        return checkpoint_source(path)
+    model, _, rows_of = hf_source(path, meta["vocab_size"])   # the MASK token may grow the vocabulary
+    return model, lambda m, device, dist: materialize(m, device, rows_of)
 
 
 def check_compatible(c, meta, model, splits):
@@ -551,14 +565,18 @@ def check_compatible(c, meta, model, splits):
         raise UserError(f"{c.data_dir}: vocab_size {meta['vocab_size']} does not fit the model's {model.config.vocab_size}")
 
 
-def wrap(model, c, world):
-    """DDP or FSDP2 (each block, then the root) under torchrun; compile last."""
-    if world > 1 and c.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+def wrap(model, fill, c, world):
+    """FSDP2 (each block, then the root; bf16 compute, fp32 gradient reduction on CUDA) on the
+    meta-device model, then fill makes this rank's shard real; or fill, then DDP. Compile last."""
+    fsdp = world > 1 and c.parallel == "fsdp"
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if c.device.startswith("cuda") else MixedPrecisionPolicy()
         for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    elif world > 1:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    model = fill(model, c.device, fsdp)
+    if world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None)
     return torch.compile(model) if c.compile else model
@@ -589,45 +607,54 @@ def get_lr(it, c):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def full_state(model, opt):
-    """Full (unsharded) model and optimizer state, FQN-keyed; collective under FSDP2."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_state_dict(model, opt, options=opts)
-
-
-def save_checkpoint(c, raw, model, opt, step, rank, tok, info):
-    msd, osd = full_state(model, opt)
-    if rank != 0:
-        return
+def save_checkpoint(c, raw, opt, step, rank, tok, info):
+    """ckpt_NNNNNNN/: the model (or its adapters) and the optimizer as a sharded DCP state, each
+    rank writing its own part; config.json, info.json, the tokenizer and train_state.pt (step,
+    RNG, settings) from rank 0. Written under a temporary name and renamed: whole or absent."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    dist = torch.distributed.is_initialized()
     final = os.path.join(c.out_dir, f"ckpt_{step:07d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    lora = raw.lora_config
-    if lora:   # the adapters and the MASK row; info.json names the base they apply to
-        from safetensors.torch import save_file
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        save_file({k: msd[k].contiguous() for k in raw.lora_state()}, os.path.join(tmp, "lora.safetensors"))
-        info = {**info, "lora": lora}
-    else:
-        save_pretrained(raw, tmp, bos_id=info["bos_id"], eos_id=info["eos_id"], state_dict=msd)
-    tok.save(os.path.join(tmp, "tokenizer"))
-    with open(os.path.join(tmp, "info.json"), "w") as f:
-        json.dump({**info, "step": step}, f, indent=2)
-    torch.save({"optimizer": osd, "step": step, "rng": torch.get_rng_state(), "config": saved_config(c)},
-               os.path.join(tmp, "train_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)   # a checkpoint exists whole or not at all
-    ckpts = sorted(d for d in os.listdir(c.out_dir) if re.fullmatch(r"ckpt_\d+", d))
-    for old in ckpts[:-max(c.keep_last, 1)]:
-        shutil.rmtree(os.path.join(c.out_dir, old))
+    barrier()
+    msd, osd = get_state_dict(raw, opt)   # sharded under FSDP2: nothing is gathered
+    if raw.lora_config:   # the adapters, the MASK row, the sampler head; info.json names the base
+        msd = {k: v for k, v in msd.items() if k in raw.lora_state()}
+        info = {**info, "lora": raw.lora_config}
+    dcp_call("save", {"model": msd, "optimizer": osd}, checkpoint_id=os.path.join(tmp, "state"), no_dist=not dist)
+    if rank == 0:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config(raw.config, info["bos_id"], info["eos_id"]), f, indent=2)
+        tok.save(os.path.join(tmp, "tokenizer"))
+        with open(os.path.join(tmp, "info.json"), "w") as f:
+            json.dump({**info, "step": step}, f, indent=2)
+        torch.save({"step": step, "rng": torch.get_rng_state(), "config": saved_config(c)},
+                   os.path.join(tmp, "train_state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        ckpts = sorted(d for d in os.listdir(c.out_dir) if re.fullmatch(r"ckpt_\d+", d))
+        for old in ckpts[:-max(c.keep_last, 1)]:
+            shutil.rmtree(os.path.join(c.out_dir, old))
     if c.export_hf:
-        export(c, raw, msd, final, tok, info)
+        export(c, raw, rank, tok, info)
+    barrier()
 
 
-def export(c, raw, msd, final, tok, info):
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def export(c, raw, rank, tok, info):
     """out_dir/hf: a folder transformers loads (adapters merged in); LoRA runs without a MASK
-    row also get out_dir/adapter, a peft adapter for the base model."""
+    row also get out_dir/adapter, a peft adapter for the base model. Under FSDP2 the weights
+    (never the optimizer state) are gathered to rank 0's CPU memory."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    msd = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return
     hf = os.path.join(c.out_dir, "hf")
     shutil.rmtree(hf, ignore_errors=True)
     if raw.lora_config:
@@ -637,7 +664,7 @@ def export(c, raw, msd, final, tok, info):
             shutil.rmtree(adapter, ignore_errors=True)
             save_peft_adapter(raw, adapter, msd)
     else:
-        shutil.copytree(final, hf, ignore=shutil.ignore_patterns("train_state.pt", "info.json", "tokenizer"))
+        save_pretrained(raw, hf, bos_id=info["bos_id"], eos_id=info["eos_id"], state_dict=msd)
     tok.save(hf)
 
 
@@ -649,29 +676,36 @@ def saved_config(c):
     return {k: v for k, v in vars(c).items() if k not in RUNTIME}
 
 
-def load_optimizer(model, opt, path):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def load_optimizer(raw, opt, path):
+    """The optimizer state of checkpoint `path` (resharded to this world size), RNG and step."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    osd = get_optimizer_state_dict(raw, opt)
+    load_checkpoint_state(path, osd, "optimizer", distributed=torch.distributed.is_initialized())
+    set_optimizer_state_dict(raw, opt, osd)
     st = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
-    set_optimizer_state_dict(model, opt, st["optimizer"], options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(st["rng"])
     return st["step"]
 
 
 # ----------------------------------------------------------------------------- the loop
 
-def make_backward(model, c, world, is_last_micro):
-    """backward(loss, final): gradients sync across ranks only on the step's very last backward."""
-    def backward(loss, final):
-        sync = is_last_micro and final
-        if world > 1 and c.parallel == "fsdp":
-            model.set_requires_gradient_sync(sync)
-            loss.backward()
-        elif world > 1 and not sync:
-            with model.no_sync():
-                loss.backward()
-        else:
-            loss.backward()
-    return backward
+class Backward:
+    """backward(loss, final) for a loss function: fn(loss, final), or nothing (evaluation). DDP
+    decides at *forward* time whether the next backward all-reduces, so every forward of a step
+    but its last runs under no_sync: train_step wraps whole micro-batches, and a loss with several
+    forwards wraps its non-final ones in hold(True). A step then all-reduces once. FSDP2
+    reduce-scatters every backward: skipping it would accumulate unsharded gradients, a whole
+    model's worth per rank."""
+
+    def __init__(self, fn=None, no_sync=None):
+        self.fn, self.no_sync = fn, no_sync
+
+    def __call__(self, loss, final):
+        if self.fn:
+            self.fn(loss, final)
+
+    def hold(self, flag):
+        return self.no_sync() if flag and self.no_sync else nullcontext()
 
 
 def global_counts(batches, c):
@@ -680,8 +714,7 @@ def global_counts(batches, c):
         for k, v in MODES[c.mode]["counts"](b, c).items():
             counts[k] = counts.get(k, 0) + v
     keys = sorted(counts)
-    t = all_reduce(torch.tensor([counts[k] for k in keys], dtype=torch.float64))
-    return {k: max(v, 1.0) for k, v in zip(keys, t.tolist())}
+    return {k: max(v, 1.0) for k, v in zip(keys, all_reduce([counts[k] for k in keys], c.device))}
 
 
 def to_device(b, device):
@@ -695,12 +728,14 @@ def train_step(model, batches, c, world, step, autocast):
     counts = global_counts([b for _, b in batches], c)
     norm = {k: v / world for k, v in counts.items()}
     metrics = {"supervised": counts["tgt"] + counts.get("slot", 0.0)}   # already global
+    ddp = world > 1 and c.parallel == "ddp"
     for j, (m, b) in enumerate(batches):
         gen = torch.Generator().manual_seed(c.seed * 1_000_003 + step * 4099 + m)
         c.step = step   # for schedules over training (refine's noise ratio)
-        with autocast:
-            out = MODES[c.mode]["loss"](model, to_device(b, c.device), c, gen, norm,
-                                        make_backward(model, c, world, j == len(batches) - 1))
+        last = j == len(batches) - 1
+        with autocast, (model.no_sync() if ddp and not last else nullcontext()):
+            backward = Backward(lambda loss, final: loss.backward(), model.no_sync if ddp and last else None)
+            out = MODES[c.mode]["loss"](model, to_device(b, c.device), c, gen, norm, backward)
         for k, v in out.items():
             metrics[k] = metrics.get(k, 0.0) + v / world
     return metrics
@@ -708,23 +743,25 @@ def train_step(model, batches, c, world, step, autocast):
 
 @torch.no_grad()
 def evaluate(model, val, c, world, rank, autocast):
-    """Validation loss over the first eval_iters micro-batches of val (fixed noise)."""
+    """Validation loss, the mean over the first eval_iters * world micro-batches of val (fixed
+    noise). Every rank runs the same number of forwards (FSDP all-gathers in each one): a rank
+    past the last micro-batch runs one again with weight 0."""
     model.eval()
     rows = pack_rows(val.lengths, c.max_length, c.pack, np.random.default_rng(PAD_SEED))
-    n = min(c.eval_iters * world, len(rows) // c.batch_size)
+    micro = [rows[i:i + c.batch_size] for i in range(0, len(rows), c.batch_size)][:c.eval_iters * world]
     total = {}
-    for m in range(rank, n, world):
-        b = val.build(rows[m * c.batch_size:(m + 1) * c.batch_size])
+    for m in range(rank, -(-len(micro) // world) * world, world):
+        b = val.build(micro[m % len(micro)])
         norm = {k: float(max(v, 1)) for k, v in MODES[c.mode]["counts"](b, c).items()}
         with autocast:
             out = MODES[c.mode]["loss"](model, to_device(b, c.device), c,
-                                        torch.Generator().manual_seed(PAD_SEED + m), norm, lambda l, final: None)
+                                        torch.Generator().manual_seed(PAD_SEED + m), norm, Backward())
         for k, v in out.items():
-            total[k] = total.get(k, 0.0) + v
-    keys = sorted(total) or ["loss"]
-    t = all_reduce(torch.tensor([total.get(k, 0.0) for k in keys] + [float(len(range(rank, n, world)))]))
+            total[k] = total.get(k, 0.0) + v * (m < len(micro))
+    keys = sorted(total)
+    t = all_reduce([total[k] for k in keys], c.device)
     model.train()
-    return {k: v / max(t[-1].item(), 1) for k, v in zip(keys, t[:-1].tolist())}
+    return {k: v / len(micro) for k, v in zip(keys, t)}
 
 
 def environment():
@@ -789,14 +826,13 @@ def train(c):
     c.eos_id, c.mask_id = meta["eos_id"], meta["mask_id"]
     tok = Tokenizer(meta["tokenizer"] if meta["tokenizer"] in ("byte", "gpt2") else os.path.join(c.data_dir, "tokenizer"))
     torch.manual_seed(c.seed)
-    raw = build_model(c, meta)
+    raw, fill = build_model(c, meta)
     check_compatible(c, meta, raw, (train_data, val_data))
     raw.gradient_checkpointing = c.gradient_checkpointing
     raw.set_backend(pick_backend(raw.config, c.device))
-    raw.to(c.device)
-    model = wrap(raw, c, world)
+    model = wrap(raw, fill, c, world)
     opt = make_optimizer(model, c)
-    step = load_optimizer(model, opt, latest_checkpoint(c.out_dir)) if c.init_from == "resume" else 0
+    step = load_optimizer(raw, opt, latest_checkpoint(c.out_dir)) if c.init_from == "resume" else 0
     train_b, val_b = Batches(train_data, c, world, rank), Batches(val_data, c, 1, 0)
     if not c.max_iters:
         c.max_iters = max(c.epochs, 1) * train_b.steps_per_epoch()
@@ -813,15 +849,20 @@ def train(c):
         print(f"{raw.num_params():,} parameters ({trainable:,} trainable), {len(train_data):,} train / "
               f"{len(val_data):,} val examples, "
               f"{train_b.steps_per_epoch()} steps per epoch", flush=True)
+    evaluating = bool(c.eval_interval and len(val_data))
     if c.eval_only:
+        if not len(val_data):
+            raise UserError(f"eval_only: {c.data_dir} has an empty validation split")
         logger.eval(step, evaluate(model, val_b, c, world, rank, autocast))
         return raw
+    if c.eval_interval and not len(val_data) and rank == 0:
+        print(f"{c.data_dir}: the validation split is empty, so there is no evaluation", flush=True)
     model.train()
     while step < c.max_iters:
         lr = get_lr(step, c)
         for g in opt.param_groups:
             g["lr"] = lr
-        if c.eval_interval and step % c.eval_interval == 0 and len(val_data):
+        if evaluating and step % c.eval_interval == 0:
             logger.eval(step, evaluate(model, val_b, c, world, rank, autocast))
         t0 = time.time()
         batches = [(m, train_b.build(rows)) for m, rows in train_b.step(step)]
@@ -832,8 +873,8 @@ def train(c):
         step += 1
         logger.step(step, metrics, lr, float(gnorm), batches, time.time() - t0)
         if step % c.save_interval == 0 or step == c.max_iters:
-            save_checkpoint(c, raw, model, opt, step, rank, tok, info)
-    if c.eval_interval and len(val_data):
+            save_checkpoint(c, raw, opt, step, rank, tok, info)
+    if evaluating:
         logger.eval(step, evaluate(model, val_b, c, world, rank, autocast))
     logger.finish()
     return raw
@@ -863,8 +904,7 @@ class Logger:
         sup = metrics.pop("supervised")   # counted once, globally, before the forward
         tokens = sum(int((b["doc"] >= 0).sum()) for _, b in batches)
         slots = sum(b["doc"].numel() for _, b in batches)
-        t = all_reduce(torch.tensor([float(tokens), float(slots)] +
-                                    [metrics[k] for k in sorted(metrics)], dtype=torch.float64)).tolist()
+        t = all_reduce([float(tokens), float(slots)] + [metrics[k] for k in sorted(metrics)], self.c.device)
         t.insert(2, sup)
         m = dict(zip(sorted(metrics), t[3:]))
         if self.rank != 0:

@@ -39,6 +39,22 @@ def shared_data(*parts):
     return path
 
 
+def checkpoint_tensors(out):
+    """The model tensors (or adapters) of out's newest checkpoint, read straight from its DCP
+    state, with the shapes and dtypes its metadata records."""
+    import warnings
+    import torch
+    import torch.distributed.checkpoint as dcp
+    ck = os.path.join(out, sorted(d for d in os.listdir(out) if d.startswith("ckpt_"))[-1], "state")
+    md = dcp.FileSystemReader(ck).read_metadata().state_dict_metadata
+    sd = {k[len("model."):]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+          for k, m in md.items() if k.startswith("model.")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({"model": sd}, checkpoint_id=ck, no_dist=True)
+    return sd
+
+
 class Recorder:
     """Wraps a model and records the token ids of every forward (to check what a loss fed it)."""
 

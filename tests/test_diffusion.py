@@ -44,7 +44,7 @@ def test_loss_by_hand(weighting, shift):
     rec = Recorder(m)
     n_resp = float(b["resp"].sum())
     got = train.diffusion_loss(rec, b, c, torch.Generator().manual_seed(seed), {"tgt": n_resp},
-                               lambda l, final: None)["loss"]
+                               train.Backward())["loss"]
     # the same random draws, in the same order, then every term written out
     g = torch.Generator().manual_seed(seed)
     t_doc = (1 - c.eps) * torch.rand(1, 2, generator=g) + c.eps   # two documents in the row
@@ -78,7 +78,7 @@ def test_complementary_masks_cover_the_response_once():
     c = cfg(mode="diffusion", gen_length=10, complementary_mask=True)
     b = batch(c)
     rec = Recorder(tiny_model())
-    train.diffusion_loss(rec, b, c, torch.Generator().manual_seed(0), {"tgt": 20.0}, lambda l, final: None)
+    train.diffusion_loss(rec, b, c, torch.Generator().manual_seed(0), {"tgt": 20.0}, train.Backward())
     a, z = (rec.inputs[0] == MASK), (rec.inputs[1] == MASK)
     assert not (a & z).any() and torch.equal(a | z, b["resp"])
 

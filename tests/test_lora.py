@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import STORIES, assert_clean_error, run_script
+from conftest import STORIES, assert_clean_error, checkpoint_tensors, run_script
 from safetensors.torch import load_file
 
 import prepare
@@ -168,8 +168,7 @@ def test_peft_and_merged_exports_give_our_logits(stories_data, tmp_path):
 
 
 def lora_weights(out):
-    ck = sorted(d for d in os.listdir(out) if d.startswith("ckpt_"))[-1]
-    return load_file(os.path.join(out, ck, "lora.safetensors"))
+    return checkpoint_tensors(out)
 
 
 def test_lora_resume_equals_uninterrupted(stories_data, tmp_path):
@@ -203,16 +202,16 @@ def test_lora_bad_input_fails_cleanly(stories_data, tmp_path):
 
 def test_moved_or_changed_base_is_named(tmp_path):
     import shutil
-    from safetensors.torch import save_file
+    from model import dcp_call
     prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={tmp_path}/data", "--toy_rows=100"]))
     small = [f"--data_dir={tmp_path}/data", "--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=2",
              "--batch_size=2", "--max_iters=1", "--save_interval=1"]
     train_run(*small, f"--out_dir={tmp_path}/base")
     train_run(*small, f"--out_dir={tmp_path}/o", f"--init_from={tmp_path}/base", "--lora_rank=2")
     ck = os.path.join(tmp_path, "base", "ckpt_0000001")
-    sd = load_file(os.path.join(ck, "model.safetensors"))
-    save_file({k: v + 1e-3 if k.endswith("norm.weight") else v for k, v in sd.items()},
-              os.path.join(ck, "model.safetensors"))
+    sd = {k: v + 1e-3 if k.endswith("norm.weight") else v for k, v in checkpoint_tensors(f"{tmp_path}/base").items()}
+    shutil.rmtree(os.path.join(ck, "state"))
+    dcp_call("save", {"model": sd}, checkpoint_id=os.path.join(ck, "state"), no_dist=True)
     assert_clean_error(run_script("generate.py", f"--init_from={tmp_path}/o", "--prompt=1+2"), "trained on other weights")
     shutil.rmtree(ck)
     assert_clean_error(run_script("generate.py", f"--init_from={tmp_path}/o", "--prompt=1+2"), "is not there")

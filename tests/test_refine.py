@@ -37,7 +37,7 @@ def cfg(**kw):
     return c
 
 
-def run_loss(m, b, c, backward=lambda l, final: l.backward(), seed=0):
+def run_loss(m, b, c, backward=train.Backward(lambda l, final: l.backward()), seed=0):
     norm = {k: float(v) for k, v in train.count_refine(b, c).items()}
     return train.refine_loss(m, b, c, torch.Generator().manual_seed(seed), norm, backward)
 
@@ -67,8 +67,8 @@ def test_one_iteration_without_noise_is_sft():
     c = cfg(mode="refine", num_iterations=1, noise_min=0.0, noise_max=0.0)
     norm = {"tgt": float((b["tgt"] >= 0).sum())}
     with torch.no_grad():
-        sft = train.sft_loss(m, b, c, None, norm, lambda l, final: None)["loss"]
-        ref = run_loss(m, b, c, backward=lambda l, final: None)["loss"]
+        sft = train.sft_loss(m, b, c, None, norm, train.Backward())["loss"]
+        ref = run_loss(m, b, c, backward=train.Backward())["loss"]
     assert sft == ref
 
 
@@ -77,7 +77,7 @@ def test_per_iteration_backward_same_gradients_less_memory():
     grads, peaks = [], []
     for summed in (False, True):
         m, losses, meter = model(), [], SavedBytes()
-        backward = (lambda l, final: losses.append(l)) if summed else (lambda l, final: l.backward())
+        backward = train.Backward(lambda l, final: losses.append(l) if summed else l.backward())
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
             run_loss(m, b, c, backward)
             if summed:

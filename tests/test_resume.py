@@ -9,8 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, assert_clean_error, run_script
-from safetensors.torch import load_file
+from conftest import ROOT, assert_clean_error, checkpoint_tensors, run_script
 
 import prepare
 from configurator import configure, defaults_from
@@ -44,9 +43,7 @@ def steps(out):
 
 
 def weights(out):
-    ck = os.path.join(out, sorted(d for d in os.listdir(out) if d.startswith("ckpt_"))[-1])
-    f = "lora.safetensors" if os.path.isfile(os.path.join(ck, "lora.safetensors")) else "model.safetensors"
-    return load_file(os.path.join(ck, f))
+    return checkpoint_tensors(out)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -5,13 +5,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_clean_error, run_script
-from safetensors.torch import load_file
+from conftest import ROOT, assert_clean_error, checkpoint_tensors, run_script
 
 import prepare
 import train
 from configurator import configure, defaults_from
-from model import causal_mask, from_pretrained
+from model import causal_mask, from_pretrained, load_checkpoint
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--max_length=128", "--batch_size=4",
         "--learning_rate=3e-3", "--warmup_iters=2", "--eval_interval=0", "--log_interval=1"]
@@ -35,8 +34,7 @@ def run_train(toy_data, out, *args, prefix=()):
 
 
 def final_weights(out):
-    ck = sorted(d for d in os.listdir(out) if d.startswith("ckpt_"))[-1]
-    return load_file(os.path.join(out, ck, "model.safetensors"))
+    return checkpoint_tensors(out)
 
 
 def test_sft_reproduces_stored_losses(toy_data, tmp_path):
@@ -70,7 +68,7 @@ def test_torchrun_two_ranks_match_single_process(toy_data, tmp_path, parallel):
     a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "dist")
     assert all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
     ck = sorted(os.listdir(tmp_path / "dist"))[0]
-    assert from_pretrained(str(tmp_path / "dist" / ck)).num_params() > 0
+    assert load_checkpoint(str(tmp_path / "dist" / ck)).num_params() > 0
 
 
 def test_packing_keeps_documents_apart(toy_data):
@@ -179,7 +177,7 @@ def test_gradient_checkpointing_same_gradients_less_saved_memory(toy_data):
         m.gradient_checkpointing = ckpt
         meter = SavedBytes()
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-            train.sft_loss(m, b, c, None, {"tgt": 1.0}, lambda loss, final: loss.backward())
+            train.sft_loss(m, b, c, None, {"tgt": 1.0}, train.Backward(lambda loss, final: loss.backward()))
         grads[ckpt], peak[ckpt] = [p.grad.clone() for p in m.parameters()], meter.peak
     assert all(torch.allclose(a, b_, atol=1e-6) for a, b_ in zip(grads[False], grads[True]))
     assert peak[True] < 0.7 * peak[False]
@@ -208,6 +206,5 @@ def test_torchrun_gated_lora_matches_single_process(toy_data, tmp_path, parallel
     run_train(toy_data, tmp_path / "dist", *common,
               prefix=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
     assert np.allclose(losses(tmp_path / "single"), losses(tmp_path / "dist"), rtol=0, atol=1e-5)
-    ck = lambda d: os.path.join(d, sorted(x for x in os.listdir(d) if x.startswith("ckpt_"))[-1], "lora.safetensors")
-    a, b = load_file(ck(tmp_path / "single")), load_file(ck(tmp_path / "dist"))
+    a, b = checkpoint_tensors(tmp_path / "single"), checkpoint_tensors(tmp_path / "dist")
     assert set(a) == set(b) and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
