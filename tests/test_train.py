@@ -148,12 +148,15 @@ def test_torch_compile_matches_eager(toy_data, tmp_path):
     assert np.allclose(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), rtol=1e-4)
 
 
-def test_epochs_keep_last_and_gradient_checkpointing(toy_data, tmp_path):
-    # epochs: max_iters=0 runs that many epochs of optimizer steps
+def test_epochs_keep_last_and_gradient_checkpointing(toy_data, tmp_path, monkeypatch):
+    # epochs: max_iters=0 runs that many epochs of optimizer steps, packing each epoch once
+    packs, pack_rows = [], train.pack_rows
+    monkeypatch.setattr(train, "pack_rows", lambda *a: packs.append(1) or pack_rows(*a))
     c = configure(defaults_from(vars(train)), [f"--data_dir={toy_data}", *TINY, "--max_iters=0", "--epochs=2",
                                                f"--out_dir={tmp_path}/e", "--save_interval=3", "--keep_last=2",
                                                "--batch_size=16", "--max_length=256"])
     train.train(c)
+    assert len(packs) == 2
     train.resolve(c, 1)
     per_epoch = train.Batches(train.Shards(toy_data, "train"), c, 1, 0).steps_per_epoch()
     assert [json.loads(l)["step"] for l in open(tmp_path / "e" / "log.jsonl")] == list(range(1, 2 * per_epoch + 1))
@@ -208,3 +211,12 @@ def test_torchrun_gated_lora_matches_single_process(toy_data, tmp_path, parallel
     assert np.allclose(losses(tmp_path / "single"), losses(tmp_path / "dist"), rtol=0, atol=1e-5)
     a, b = checkpoint_tensors(tmp_path / "single"), checkpoint_tensors(tmp_path / "dist")
     assert set(a) == set(b) and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
+
+
+def test_empty_validation_split_trains_without_evaluation(tmp_path):
+    prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={tmp_path}/d", "--toy_rows=100",
+                                                             "--val_fraction=0"]))
+    p = run_train(f"{tmp_path}/d", tmp_path / "o", "--max_iters=2", "--eval_interval=1")
+    assert p.stdout.count("the validation split is empty") == 1 and "| val " not in p.stdout
+    assert_clean_error(run_script("train.py", f"--data_dir={tmp_path}/d", f"--out_dir={tmp_path}/o", *TINY,
+                                  "--eval_only=True"), "empty validation split")
