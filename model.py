@@ -357,6 +357,7 @@ class Transformer(nn.Module):
         self.lora_config = None          # set by add_lora
         self.mask_embed = None           # LoRA runs: the trainable copy of the MASK embedding row
         self.sampler_head = None         # gated LoRA runs may add one (SamplerHead)
+        self.ce_rows = 0                 # rows per cross-entropy chunk (0: 2^27 logits' worth)
 
     def set_backend(self, backend):
         """Chosen once: 'flex' (BlockMask, compiled on CUDA) or 'sdpa' (dense boolean mask)."""
@@ -393,12 +394,14 @@ class Transformer(nn.Module):
             def mask_mod(b, h, q, kv):
                 return rule(b, h, q + start[b], kv) & (kv < start[b] + T)
         if self.backend == "flex":
-            bm = create_block_mask(mask_mod, B, None, T, S, device=device)
+            # compiled on CUDA: built eagerly it materialises the (B, T, S) grid on every forward
+            bm = create_block_mask(mask_mod, B, None, T, S, device=device, _compile=device.type == "cuda")
             return lambda q, k, v: _flex(q, k, v, bm)
         mask = dense_mask(mask_mod, B, T, S, device)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
-    def forward(self, idx, pos=None, mask_mod=None, cache=None, select=None, return_hidden=False, prev=None):
+    def forward(self, idx, pos=None, mask_mod=None, cache=None, select=None, return_hidden=False, prev=None,
+                targets=None):
         """
         idx, pos: (B, T) token ids and position ids (pos defaults to the cache offset + arange).
         mask_mod: attention rule over physical indices (default: causal).
@@ -406,6 +409,7 @@ class Transformer(nn.Module):
         select: optional (B, T) bool; the head then runs only there and logits are (N, V),
         which is what training needs (the head is most of the FLOPs of a small model).
         prev: (N,) the token before each selected one, for the sampler head (training).
+        targets: (N,) with select: return (per-token fp32 cross-entropy, argmax) instead (head_loss).
         Returns logits (B, T, V); with return_hidden, (logits, final normed hidden states).
         """
         B, T = idx.shape
@@ -431,8 +435,26 @@ class Transformer(nn.Module):
                 x = layer(x, rope, attend, lc, gate)
         x = self.norm(x)
         h = x if select is None else x[select]
+        if targets is not None:
+            return self.head_loss(h, targets, prev)
         z = h if prev is None else self.sampler_head(h, self.embed_tokens(prev))
         return (self.lm_head(z), h) if return_hidden else self.lm_head(z)
+
+    def head_loss(self, h, targets, prev=None):
+        """(per-token fp32 cross-entropy, argmax) of the head over hidden states h (N, C), in chunks
+        of rows: fp32 logits never exist for all N tokens at once (GBs at a 150k vocabulary), and
+        with several chunks each one's logits are recomputed in the backward, not kept."""
+        def chunk(h, t, p):
+            z = h if p is None else self.sampler_head(h, self.embed_tokens(p))
+            logits = self.lm_head(z)
+            return F.cross_entropy(logits.float(), t, reduction="none"), logits.detach().argmax(-1)
+        n = self.ce_rows or max(1, 2 ** 27 // self.config.vocab_size)
+        if len(h) <= n:
+            return chunk(h, targets, prev)
+        parts = [torch.utils.checkpoint.checkpoint(chunk, h[i:i + n], targets[i:i + n],
+                                                   None if prev is None else prev[i:i + n], use_reentrant=False)
+                 for i in range(0, len(h), n)]
+        return torch.cat([ce for ce, _ in parts]), torch.cat([p for _, p in parts])
 
     def add_lora(self, rank, alpha, dropout=0.0, targets="all-linear", mask_id=None, gated=False, sampler_head=False):
         """Freeze every weight and add LoRA adapters to the targeted projections. mask_id: the

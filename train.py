@@ -18,7 +18,6 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from configurator import UserError, configure, cli, defaults_from, print_config
 from model import (KVCache, ModelConfig, Transformer, bidirectional_mask, causal_mask, checkpoint_source, dcp_call, empty,
@@ -232,13 +231,9 @@ def sft_layout(tokens, plen, c):
     return {"idx": tokens, "pos": np.arange(len(tokens)), "tgt": tgt}
 
 
-def ce_sum(logits, targets):
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
-
-
 def sft_loss(model, b, c, gen, norm, backward):
     sel = b["tgt"] >= 0
-    loss = ce_sum(model(b["idx"], b["pos"], causal_mask(b["doc"]), select=sel), b["tgt"][sel])
+    loss = model(b["idx"], b["pos"], causal_mask(b["doc"]), select=sel, targets=b["tgt"][sel])[0].sum()
     backward(loss / norm["tgt"], final=True)
     return {"loss": loss.item() / norm["tgt"]}
 
@@ -284,16 +279,16 @@ def refine_loss(model, b, c, gen, norm, backward):
         out[f"draft_acc_s{k}"] = (s[resp] == b["idx"][resp]).sum().item() / norm["tgt"]
         last = k == c.num_iterations - 1 and not c.ar_loss_weight
         with backward.hold(not last):
-            logits = model(s, b["pos"], mask, select=sel)
-        loss = ce_sum(logits, b["tgt"][sel])
+            ce, pred = model(s, b["pos"], mask, select=sel, targets=b["tgt"][sel])
+        loss = ce.sum()
         backward(weights[k] * loss / norm["tgt"], final=last)
         out[f"loss_s{k}"] = loss.item() / norm["tgt"]
         total += weights[k] * out[f"loss_s{k}"]
         with torch.no_grad():   # position i-1 predicts token i: the predictions fill the response
             s = s.clone()
-            s[resp] = logits.argmax(-1)
+            s[resp] = pred
     if c.ar_loss_weight:
-        loss = ce_sum(model(b["idx"], b["pos"], mask, select=sel), b["tgt"][sel])
+        loss = model(b["idx"], b["pos"], mask, select=sel, targets=b["tgt"][sel])[0].sum()
         backward(c.ar_loss_weight * loss / norm["tgt"], final=True)
         out["loss_ar"] = loss.item() / norm["tgt"]
         total += c.ar_loss_weight * out["loss_ar"]
@@ -340,7 +335,7 @@ def diffusion_term(model, b, c, masked, t_tok, mask):
     weight = {"original": lambda: 1 / t_tok, "linear": lambda: 1 - t_tok,
               "cart": lambda: cart_weights(masked, b["doc"], c.cart_p)}[c.time_weighting]()
     w = (weight[masked] if not c.shift else weight[:, 1:][masked[:, 1:]])
-    ce = F.cross_entropy(model(noisy, b["pos"], mask, select=sel).float(), tgt, reduction="none")
+    ce, _ = model(noisy, b["pos"], mask, select=sel, targets=tgt)
     return (ce * w).sum(), ce.sum()
 
 
@@ -409,10 +404,11 @@ def split_rows(b, keep, pad_id):
     return f, valid, n
 
 
-def gated_slot_forward(model, b, c):
+def gated_slot_forward(model, b, c, loss=False):
     """Gated LoRA: clean tokens compute the frozen base model and see no slot, so the clean
     stream runs once without a graph into a KV cache, and only the slots run with grad, attending
-    to it (the decoding rule, used for training). Returns slot logits, targets and slot indices."""
+    to it (the decoding rule, used for training). Returns slot logits (with loss: per-token CE and
+    argmax), targets and slot indices."""
     real = b["doc"] >= 0
     cl, _, nc = split_rows(b, real & ~b["slot"], c.eos_id)
     sl, svalid, _ = split_rows(b, real & b["slot"], c.eos_id)
@@ -435,8 +431,9 @@ def gated_slot_forward(model, b, c):
         first = torch.full((B, int(cl["doc"].max()) + 3), Lc, device=dev).scatter_reduce(
             1, cl["doc"] + 2, torch.arange(Lc, device=dev).expand(B, Lc), "amin")
         prev = cl["idx"].gather(1, (first.gather(1, sl["doc"] + 2) + sl["pos"]).clamp(max=Lc - 1))[sel]
-    logits = model(sl["idx"], sl["pos"], mask, cache=cache, select=sel, prev=prev)
-    return logits, sl["tgt"][sel], sl["sj"][sel]
+    tgt = sl["tgt"][sel]
+    out = model(sl["idx"], sl["pos"], mask, cache=cache, select=sel, prev=prev, targets=tgt if loss else None)
+    return out, tgt, sl["sj"][sel]
 
 
 def interleaved_loss(model, b, c, gen, norm, backward):
@@ -445,20 +442,20 @@ def interleaved_loss(model, b, c, gen, norm, backward):
     is the frozen base model and its loss a constant: only the slots are trained (and run with grad)."""
     out = {}
     if c.gated_lora:
-        logits, tgt, j = gated_slot_forward(model, b, c)
+        (ce, pred), tgt, j = gated_slot_forward(model, b, c, loss=True)
         is_slot = torch.ones_like(tgt, dtype=torch.bool)
     else:
         sel = b["tgt"] >= 0
-        logits = model(b["idx"], b["pos"], interleaved_mask(b["doc"], b["pos"], b["slot"], b["sj"]), select=sel)
         tgt, is_slot, j = b["tgt"][sel], b["slot"][sel], b["sj"][sel]
-    ce = F.cross_entropy(logits.float(), tgt, reduction="none")
+        ce, pred = model(b["idx"], b["pos"], interleaved_mask(b["doc"], b["pos"], b["slot"], b["sj"]), select=sel,
+                         targets=tgt)
     ar, sl = ce[~is_slot].sum(), ce[is_slot].sum()
     backward(ar / norm["tgt"] + c.mask_loss_weight * sl / norm["slot"], final=True)
     out["loss_slot"] = sl.item() / norm["slot"]
     if not c.gated_lora:
         out["loss_ar"] = ar.item() / norm["tgt"]
     out["loss"] = out.get("loss_ar", 0.0) + c.mask_loss_weight * out["loss_slot"]
-    hit = logits.argmax(-1) == tgt
+    hit = pred == tgt
     for k in range(c.block_size - 1):
         m = is_slot & (j == k)
         out[f"acc_slot{k}"] = hit[m].sum().item() / norm[f"slot{k}"]
