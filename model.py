@@ -784,6 +784,11 @@ def dcp_call(fn, *args, **kw):
         return getattr(dcp, fn)(*args, **kw)
 
 
+def untied(sd, cfg):
+    """A state dict without the tied head's second name: checkpoints store that tensor once."""
+    return {k: v for k, v in sd.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+
+
 def checkpoint_source(ckpt):
     """(model on meta, fill(model, device)) for a full-model training checkpoint."""
     cfg = read_hf_config(ckpt)
@@ -793,12 +798,13 @@ def checkpoint_source(ckpt):
     def fill(m, device, distributed=False):
         empty(m, device)
         if distributed:
-            from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-            sd = get_model_state_dict(m)
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 set_model_state_dict)
+            sd = untied(get_model_state_dict(m), cfg)
             load_checkpoint_state(ckpt, sd, distributed=True)
-            set_model_state_dict(m, sd)
+            set_model_state_dict(m, sd, options=StateDictOptions(strict=False))   # a tied head comes with its embedding
         else:
-            load_checkpoint_state(ckpt, m.state_dict())
+            load_checkpoint_state(ckpt, untied(m.state_dict(), cfg))
         m.inv_freq = rope_inv_freq(cfg).to(device)
         return m
     return model, fill

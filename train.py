@@ -21,7 +21,7 @@ import torch
 
 from configurator import UserError, configure, cli, defaults_from, print_config
 from model import (KVCache, ModelConfig, Transformer, bidirectional_mask, causal_mask, checkpoint_source, dcp_call, empty,
-                   hf_config, hf_source, interleaved_mask, latest_checkpoint, load_base, load_checkpoint_state,
+                   hf_config, hf_source, untied, interleaved_mask, latest_checkpoint, load_base, load_checkpoint_state,
                    load_lora_checkpoint, materialize, pad_vocab, parse_lora_targets, pick_backend, save_peft_adapter,
                    save_pretrained)
 from prepare import Tokenizer
@@ -617,6 +617,7 @@ def save_checkpoint(c, raw, opt, step, rank, tok, info):
         os.makedirs(tmp)
     barrier()
     msd, osd = get_state_dict(raw, opt)   # sharded under FSDP2: nothing is gathered
+    msd = untied(msd, raw.config)
     if raw.lora_config:   # the adapters, the MASK row, the sampler head; info.json names the base
         msd = {k: v for k, v in msd.items() if k in raw.lora_state()}
         info = {**info, "lora": raw.lora_config}
@@ -828,6 +829,7 @@ def train(c):
     raw.gradient_checkpointing = c.gradient_checkpointing
     raw.set_backend(pick_backend(raw.config, c.device))
     model = wrap(raw, fill, c, world)
+    del fill   # it holds the source's file mappings: release them before training
     opt = make_optimizer(model, c)
     step = load_optimizer(raw, opt, latest_checkpoint(c.out_dir)) if c.init_from == "resume" else 0
     train_b, val_b = Batches(train_data, c, world, rank), Batches(val_data, c, 1, 0)
