@@ -57,9 +57,10 @@ def test_resume_equals_uninterrupted(toy_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_two_ranks_match_single_process(toy_data, tmp_path, parallel):
-    common = ["--max_iters=10", "--gradient_accumulation_steps=2", f"--parallel={parallel}"]
+def test_torchrun_two_ranks_match_single_process(toy_data, tmp_path):
+    """FSDP2 from scratch (each rank keeps its rows of the same draws) = one process. DDP = one
+    process: tests/test_distributed.py (refine, several forwards per micro-batch)."""
+    common = ["--max_iters=10", "--gradient_accumulation_steps=2", "--parallel=fsdp"]
     run_train(toy_data, tmp_path / "single", *common)
     run_train(toy_data, tmp_path / "dist", *common,
               prefix=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
