@@ -50,8 +50,10 @@ refine_iter = 2            # forwards that re-predict the draft from itself
 steps = 0                  # denoising steps over the canvas (0: one per token)
 alg = "entropy"            # origin | maskgit_plus | topk_margin | entropy
 alg_temp = 0.0             # > 0 samples the positions to unmask from softmax(conf / alg_temp)
-block_length = 0           # semi-AR blocks, decoded block-causally with a KV cache (0: one canvas)
+gen_length = 0             # canvas length (0: the checkpoint's gen_length, else max_new_tokens)
+block_length = 0           # LLaDA semi-AR: canvas blocks unmasked left to right (0: the whole canvas at once)
 dthreshold = 0.0           # Fast-dLLM parallel unmasking: the most confident + all with p >= this
+eos_last = True            # confidence algs: EOS predictions are unmasked last (LLaDA's confidence_eos_eot_inf)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -384,16 +386,23 @@ def confidence(probs, x0, alg):
     raise UserError(f"unknown alg {alg!r} (origin, maskgit_plus, topk_margin, entropy)")
 
 
-def choose(logits, n_unmask, c, generator):
+def choose(logits, n_unmask, c, generator, eos_ids=()):
     """For one row's masked positions (logits (N, V)): the tokens x0 and which positions to unmask
     (a bool (N,)). n_unmask from the schedule; with dthreshold, the most confident position plus
-    every position whose token has probability >= dthreshold (Fast-dLLM)."""
+    every position whose token has probability >= dthreshold (Fast-dLLM). eos_last: positions
+    predicting EOS come after every other one (LLaDA's evaluation; a confidence-ordered sampler
+    otherwise fills the easy EOS padding first and ends answers early); with dthreshold they are
+    unmasked once nothing else is left, all at once."""
     probs = torch.softmax(logits / c.temperature if c.temperature > 0 else logits, -1)
     x0 = sample(logits, c.temperature, c.top_p, generator)
     N = logits.shape[0]
     pick = torch.zeros(N, dtype=torch.bool, device=logits.device)
+    later = torch.isin(x0, torch.tensor(list(eos_ids), device=x0.device)) if c.eos_last and c.alg != "origin" \
+        else torch.zeros_like(pick)
     if c.dthreshold > 0:
-        p = probs.gather(-1, x0[:, None])[:, 0]
+        if later.all():
+            return x0, ~pick
+        p = torch.where(later, -1.0, probs.gather(-1, x0[:, None])[:, 0])
         pick[p.argmax()] = True
         return x0, pick | (p >= c.dthreshold)
     n = min(n_unmask, N)
@@ -402,12 +411,20 @@ def choose(logits, n_unmask, c, generator):
         order = torch.randperm(N, generator=generator, device=gdev)[:n].to(logits.device)
     else:
         conf = confidence(probs, x0, c.alg)
-        if c.alg_temp > 0:
-            order = torch.multinomial(torch.softmax(conf / c.alg_temp, -1), n, generator=generator)
-        else:
-            order = conf.topk(n).indices
+        first, rest = (~later).nonzero()[:, 0], later.nonzero()[:, 0]
+        a = first[rank(conf[first], min(n, len(first)), c, generator)]
+        order = torch.cat([a, rest[rank(conf[rest], n - len(a), c, generator)]])
     pick[order] = True
     return x0, pick
+
+
+def rank(conf, n, c, generator):
+    """The n most confident of conf, or n sampled from softmax(conf / alg_temp)."""
+    if n <= 0:
+        return torch.zeros(0, dtype=torch.long, device=conf.device)
+    if c.alg_temp > 0:
+        return torch.multinomial(torch.softmax(conf / c.alg_temp, -1), n, generator=generator)
+    return conf.topk(n).indices
 
 
 def schedule(n_masked, steps):
@@ -422,33 +439,48 @@ def denoise_step(logits, canvas, lo, hi, k, c, info, generator):
     masked = (region == info["mask_id"]).nonzero()[:, 0]
     if len(masked) == 0:
         return
-    x0, pick = choose(clean_logits(logits[lo:hi][masked], info), k, c, generator)
+    x0, pick = choose(clean_logits(logits[lo:hi][masked], info), k, c, generator, info["eos_ids"])
     region[masked[pick]] = x0[pick]
+
+
+def canvas_length(c, info):
+    return c.gen_length or info.get("gen_length") or c.max_new_tokens
 
 
 @torch.inference_mode()
 def decode_diffusion(model, prompts, c, info, generator=None):
-    """Masked-diffusion sampling (LLaDA / Dream) of a canvas of max_new_tokens MASKs. Without
-    block_length: one bidirectional canvas, every step recomputes everything. With it: blocks
-    left to right, block-causal attention, finished blocks in the KV cache (see decode_blocks)."""
-    if c.block_length:
+    """Masked-diffusion sampling (LLaDA / Dream) of a canvas of gen_length MASKs (by default the
+    length the checkpoint was trained with). Every step feeds the whole canvas, bidirectionally.
+    block_length: LLaDA's semi-AR sampling, blocks left to right, only the current block may be
+    unmasked (later ones stay MASK in the forward), steps split evenly over blocks; a row stops
+    after a block that holds EOS. Block-diffusion checkpoints decode with decode_blocks."""
+    if info.get("block_size"):
         return decode_blocks(model, prompts, c, info, generator)
-    G, dev, mask_id = c.max_new_tokens, model.lm_head.weight.device, info["mask_id"]
-    steps = c.steps or G
-    rows = [list(p) + [mask_id] * G for p in prompts]
-    idx, lens = right_pad(rows, info["eos_id"], dev)
+    G, dev, mask_id, eos = canvas_length(c, info), model.lm_head.weight.device, info["mask_id"], set(info["eos_ids"])
+    L = c.block_length or G
+    if G % L:
+        raise UserError(f"gen_length={G} must be a multiple of block_length={L}")
+    per_block = schedule(L, max(1, (c.steps or G) // (G // L)))
+    idx, lens = right_pad([list(p) + [mask_id] * G for p in prompts], info["eos_id"], dev)
     doc = (torch.arange(idx.shape[1], device=dev)[None] >= lens[:, None]).long()   # padding: its own document
-    forwards = 0
-    for k in (schedule(G, steps) if not c.dthreshold else itertools.repeat(0)):
-        if not (idx == mask_id).any():
+    n = len(prompts)
+    forwards, done = [0] * n, [False] * n
+    for lo in range(0, G, L):
+        region = lambda b: idx[b, len(prompts[b]) + lo:len(prompts[b]) + lo + L]
+        for k in (per_block if not c.dthreshold else itertools.repeat(0)):
+            live = [b for b in range(n) if not done[b] and (region(b) == mask_id).any()]
+            if not live:   # rows that finished earlier are never denoised again
+                break
+            logits = shift_logits(model(idx, None, bidirectional_mask(doc)).float(), info)
+            for b in live:
+                forwards[b] += 1
+                P = len(prompts[b])
+                denoise_step(logits[b], idx[b], P + lo, P + lo + L, k, c, info, generator)
+        for b in range(n):
+            done[b] = done[b] or any(t in eos for t in region(b).tolist())
+        if all(done):
             break
-        logits = model(idx, None, bidirectional_mask(doc)).float()
-        logits = shift_logits(logits, info)
-        forwards += 1
-        for b, p in enumerate(prompts):
-            denoise_step(logits[b, :len(p) + G], idx[b, :len(p) + G], len(p), len(p) + G, k, c, info, generator)
-    eos = set(info["eos_ids"])
-    return [(cut_at_eos(idx[b, len(p):len(p) + G].tolist(), eos), forwards) for b, p in enumerate(prompts)]
+    return [(cut_at_eos(idx[b, len(p):len(p) + G].tolist(), eos), forwards[b]) for b, p in enumerate(prompts)]
 
 
 def shift_logits(logits, info):
@@ -458,13 +490,15 @@ def shift_logits(logits, info):
 
 @torch.inference_mode()
 def decode_blocks(model, prompts, c, info, generator=None, reference=False):
-    """Semi-AR diffusion with block_length L: each block's first forward feeds [the prompt or the
-    block just finished][L MASKs]; the pending tokens are then committed to the KV cache, later
-    steps feed only the L tokens of the current block. Under block_causal_mask a finished block
-    never sees later ones, so the cache is exact: equal to recomputing everything (reference=True)."""
-    L, G, n, dev, mask_id = c.block_length, c.max_new_tokens, len(prompts), model.lm_head.weight.device, info["mask_id"]
+    """Block diffusion (a checkpoint trained with block_size L; else block_length): each block's
+    first forward feeds [the prompt or the block just finished][L MASKs]; the pending tokens are
+    then committed to the KV cache, later steps feed only the L tokens of the current block.
+    Under block_causal_mask a finished block never sees later ones, so the cache is exact: equal
+    to recomputing everything (reference=True). A row stops after the block holding EOS."""
+    L, G = info.get("block_size") or c.block_length, canvas_length(c, info)
+    n, dev, mask_id = len(prompts), model.lm_head.weight.device, info["mask_id"]
     if G % L:
-        raise UserError(f"max_new_tokens={G} must be a multiple of block_length={L}")
+        raise UserError(f"gen_length={G} must be a multiple of the block size {L}")
     n_blocks, eos = G // L, set(info["eos_ids"])
     per_block = schedule(L, max(1, (c.steps or G) // n_blocks))   # LLaDA: steps split evenly over blocks
     plen = torch.tensor([len(p) for p in prompts], device=dev)
@@ -475,9 +509,9 @@ def decode_blocks(model, prompts, c, info, generator=None, reference=False):
         canvas = torch.full((n, L), mask_id, dtype=torch.long, device=dev)
         first = True
         for k in (per_block if not c.dthreshold else itertools.repeat(0)):
-            if not (canvas == mask_id).any():
+            live = [b for b in range(n) if not done[b] and (canvas[b] == mask_id).any()]
+            if not live:   # rows that finished in an earlier block are never denoised again
                 break
-            live = [b for b in range(n) if not done[b]]
             if reference:   # recompute [prompt][finished blocks][block] from scratch
                 seqs = [prompts[b] + out[b] + canvas[b].tolist() for b in range(n)]
                 idx, _ = right_pad(seqs, info["eos_id"], dev)

@@ -85,7 +85,8 @@ def test_complementary_masks_cover_the_response_once():
 
 def dcfg(**kw):
     return SimpleNamespace(**{"temperature": 0.0, "top_p": 1.0, "alg": "maskgit_plus", "alg_temp": 0.0,
-                              "dthreshold": 0.0, "steps": 0, "block_length": 0, "max_new_tokens": 12, **kw})
+                              "dthreshold": 0.0, "steps": 0, "block_length": 0, "max_new_tokens": 12,
+                              "gen_length": 0, "eos_last": True, **kw})
 
 
 def test_each_alg_picks_its_rule():
@@ -132,6 +133,8 @@ def test_cached_blocks_equal_uncached(kw, shift):
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
     cached = decode_blocks(m, prompts, dcfg(**kw), info)
     assert cached == decode_blocks(m, prompts, dcfg(**kw), info, reference=True)
+    # a checkpoint trained with block_size decodes this way without --block_length
+    assert cached == decode_diffusion(m, prompts, dcfg(**{**kw, "block_length": 0}), dict(info, block_size=kw["block_length"]))
     for p, got in zip(prompts, cached):   # batch = single row
         assert decode_blocks(m, [p], dcfg(**kw), info) == [got]
 
@@ -139,7 +142,8 @@ def test_cached_blocks_equal_uncached(kw, shift):
 @torch.no_grad()
 def test_single_canvas_matches_a_slow_loop():
     """The one-canvas sampler (maskgit_plus, one token per step) against the rule written out:
-    each step, over all masked canvas positions, unmask the one whose argmax is most probable."""
+    each step, over all masked canvas positions, unmask the one whose argmax is most probable,
+    positions whose argmax is EOS only when no other is left (eos_last)."""
     m = tiny_model(5).eval()
     with torch.no_grad():
         m.embed_tokens.weight.mul_(30)
@@ -151,8 +155,62 @@ def test_single_canvas_matches_a_slow_loop():
             probs = torch.softmax(m(torch.tensor([seq]), None, bidirectional_mask(torch.zeros(1, len(seq), dtype=torch.long)))[0], -1)
             probs[:, 258:] = 0
             probs[:, MASK] = 0
-            best = max((i for i in range(len(p), len(seq)) if seq[i] == MASK), key=lambda i: float(probs[i].max()))
+            masked = [i for i in range(len(p), len(seq)) if seq[i] == MASK]
+            masked = [i for i in masked if int(probs[i].argmax()) != EOS] or masked
+            best = max(masked, key=lambda i: float(probs[i].max()))
             seq[best] = int(probs[best].argmax())
         want = seq[len(p):]
         want = want[:want.index(EOS) + 1] if EOS in want else want
         assert ids == want and forwards == G
+
+
+class EarlyEOS(torch.nn.Module):
+    """A stand-in model: row b's answer is token 5 up to position stops[b], then EOS, so the rows
+    of one batch end in different blocks. Raises if a sampler keeps calling it (a hang)."""
+
+    def __init__(self, prompts, stops):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(1, 1)
+        self.config = ModelConfig(vocab_size=320, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+        self.start, self.calls, self.inputs = torch.tensor([len(p) + s for p, s in zip(prompts, stops)]), 0, []
+
+    def forward(self, idx, pos=None, mask_mod=None, cache=None):
+        self.calls += 1
+        assert self.calls < 200, "the sampler does not terminate"
+        self.inputs.append(idx.clone())
+        B, T = idx.shape
+        p = (cache.length if cache is not None else torch.zeros(B, dtype=torch.long))[:, None] + torch.arange(T)
+        eos = p >= self.start[:, None]
+        logits = torch.zeros(B, T, 320)
+        logits[..., 5], logits[..., EOS] = torch.where(eos, 0.0, 10.0), torch.where(eos, 10.0, 0.0)
+        return logits
+
+
+@pytest.mark.parametrize("alg", ["origin", "maskgit_plus", "topk_margin", "entropy"])
+@pytest.mark.parametrize("dthreshold", [0.0, 0.5])
+def test_rows_ending_in_different_blocks_terminate(alg, dthreshold):
+    prompts, stops = [[5, 6, 7], [8, 9], [10]], [1, 4, 7]
+    want = [[5] * s + [EOS] for s in stops]
+    for decode, info in ((decode_diffusion, INFO), (decode_blocks, dict(INFO, block_size=2))):
+        m = EarlyEOS(prompts, stops)
+        out = decode(m, prompts, dcfg(alg=alg, dthreshold=dthreshold, block_length=2), info, torch.Generator().manual_seed(0))
+        assert [ids for ids, _ in out] == want
+        # a row stops after the block holding its EOS: rows ending earlier take fewer forwards
+        assert all(0 < f <= 12 for _, f in out) and out[0][1] < out[2][1]
+
+
+@pytest.mark.parametrize("kw", [{}, {"dthreshold": 0.5}, {"steps": 3}, {"alg": "origin"}])
+def test_semi_ar_unmasks_only_the_current_block_of_the_whole_canvas(kw):
+    """LLaDA's semi-AR: every forward holds the whole canvas (of the checkpoint's gen_length, not
+    max_new_tokens), and no position past the current block is unmasked before it is reached."""
+    prompts, stops, G, L = [[5, 6, 7], [8, 9]], [9, 5], 8, 2
+    m = EarlyEOS(prompts, stops)
+    out = decode_diffusion(m, prompts, dcfg(block_length=L, max_new_tokens=12, **kw), dict(INFO, gen_length=G),
+                           torch.Generator().manual_seed(0))
+    assert [ids for ids, _ in out] == [[5] * 8, [5] * 5 + [EOS]]
+    for x in m.inputs:
+        assert x.shape[1] == 3 + G
+        for b, p in enumerate(prompts):
+            canvas = x[b, len(p):len(p) + G].tolist()
+            current = next((i // L for i, t in enumerate(canvas) if t == MASK), G // L)
+            assert all(t == MASK for t in canvas[(current + 1) * L:]), canvas
