@@ -68,15 +68,23 @@ RUNS = {  # trained mode -> (train overrides, [(decoder label, generate override
        for B in (4, 8) for kind, kw in (("full", {}), ("lora", {"lora_rank": "{rank}", "lora_alpha": "{rank}"}),
                                         ("gated lora", {"lora_rank": "{rank}", "lora_alpha": "{rank}", "gated_lora": True,
                                                         "sampler_head": True}))},
+    # block diffusion adapted from the sft model (BD3-LM / Fast-dLLM v2): decoded block by block, cached
+    **{f"block diffusion B={B} from sft": ({"mode": "diffusion", "block_size": B, "shift": True, "gen_length": 0,
+                                           "init_from": "{sft}", "learning_rate": 1e-3},
+                                          [(f"diffusion t={t}", {"method": "diffusion", "dthreshold": t,
+                                                                 "max_new_tokens": 80}) for t in (0.9, 0.7)] +
+                                          [("diffusion 2 per step", {"method": "diffusion", "alg": "entropy",
+                                                                    "steps": 40, "max_new_tokens": 80})])
+       for B in (4, 8)},
     "diffusion shift from sft": ({"mode": "diffusion", "gen_length": 80, "shift": True, "init_from": "{sft}",
-                                  "learning_rate": 1e-3},
+                                  "learning_rate": 1e-3, "block_size": 0},
                                  [("diffusion entropy steps=80", {"method": "diffusion", "alg": "entropy", "steps": 80,
                                                                   "max_new_tokens": 80}),
                                   ("diffusion entropy steps=20", {"method": "diffusion", "alg": "entropy", "steps": 20,
                                                                   "max_new_tokens": 80}),
                                   ("diffusion entropy block=16", {"method": "diffusion", "alg": "entropy",
                                                                   "block_length": 16, "max_new_tokens": 80})]),
-    "diffusion": ({"mode": "diffusion", "gen_length": 80},
+    "diffusion": ({"mode": "diffusion", "gen_length": 80, "block_size": 0},
                   [(f"diffusion {a} steps={s}", {"method": "diffusion", "alg": a, "steps": s, "max_new_tokens": 80})
                    for a in ("origin", "maskgit_plus", "topk_margin", "entropy") for s in (80, 40, 20)] +
                   [("diffusion entropy t=0.9", {"method": "diffusion", "alg": "entropy", "dthreshold": 0.9,
@@ -348,8 +356,8 @@ def main(argv=None):
             del RUNS[name]
     if b.quick:
         b.eval_n, b.speed_n, b.time_steps, b.lora_rank = 16, 8, 2, 4
-        for name in [n for n in RUNS if "from sft" in n and n.startswith("interleaved") and
-                     (n.startswith("interleaved B=8") or " full " in n)]:
+        for name in [n for n in RUNS if "from sft" in n and (n.startswith(("interleaved B=8", "block diffusion B=8"))
+                                                              or (n.startswith("interleaved") and " full " in n))]:
             del RUNS[name]   # the same code paths as the B=4 LoRA runs
         for name, (_, decoders) in RUNS.items():   # one decoder per trained mode keeps it short
             del decoders[1:]

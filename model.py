@@ -91,6 +91,18 @@ def interleaved_mask(doc, pos, slot, sj):
     return mask_mod
 
 
+def block_diffusion_mask(doc, noisy, blk):
+    """Block diffusion (BD3-LM) over [prompt][clean response][noised copy]: clean tokens attend
+    block-causally (the prompt is block -1); a noised block attends to itself, bidirectionally,
+    and to the clean tokens of earlier blocks and the prompt. Clean tokens never see a noised one."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        nq, nk, bq, bk = noisy[b, q_idx], noisy[b, kv_idx], blk[b, q_idx], blk[b, kv_idx]
+        clean = ~nq & ~nk & (bk <= bq)
+        noised = nq & ((nk & (bk == bq)) | (~nk & (bk < bq)))
+        return (doc[b, q_idx] == doc[b, kv_idx]) & (clean | noised)
+    return mask_mod
+
+
 def block_causal_mask(prompt_len, block_length):
     """Semi-autoregressive diffusion decoding: the prompt is block 0, response block k covers
     positions P + (k-1) L .. P + k L - 1; a token sees every token of its own and earlier blocks.

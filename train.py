@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from configurator import UserError, configure, cli, defaults_from, print_config
-from model import (KVCache, ModelConfig, Transformer, bidirectional_mask, causal_mask, checkpoint_source, dcp_call, empty,
+from model import (KVCache, ModelConfig, Transformer, bidirectional_mask, block_diffusion_mask, causal_mask, checkpoint_source, dcp_call, empty,
                    hf_config, hf_source, untied, interleaved_mask, latest_checkpoint, load_base, load_checkpoint_state,
                    load_lora_checkpoint, materialize, pad_vocab, parse_lora_targets, pick_backend, save_peft_adapter,
                    save_pretrained)
@@ -39,8 +39,9 @@ noise_max = 0.9               # ... r ~ U[noise_min, noise_max] (see noise_sched
 noise_schedule = "uniform"    # uniform | linear | cosine: the upper end of r grows over training
 loss_weights = []             # per iteration; [] = all 1.0
 ar_loss_weight = 0.0          # + this * next-token loss on the clean sequence (CLLM keeps one)
-# interleaved (next-block prediction)
-block_size = 4                # B: one forward yields the next B tokens
+# interleaved (next-block prediction) and block diffusion
+block_size = 4                # interleaved: one forward yields the next B tokens; diffusion: block
+                              # diffusion with blocks of B (0: one full canvas, LLaDA)
 mask_loss_weight = 1.0        # weight of the slot loss beside the clean-stream AR loss
 # diffusion (LLaDA / Dream masked diffusion)
 gen_length = 0                # responses are EOS-padded to this many tokens, pads supervised (LLaDA)
@@ -300,17 +301,39 @@ def count_refine(b, c):
     return {"tgt": int((b["tgt"] >= 0).sum()), "docs": int(sum(len(set(r.tolist()) - {-1}) for r in b["doc"]))}
 
 
+def padded_response(plen, length, c):
+    """Response tokens after EOS padding: to gen_length (the canvas), and for block diffusion
+    on to a whole number of blocks. The pads are supervised: the model learns to end."""
+    R = max(length - plen, c.gen_length)
+    return -(-R // c.block_size) * c.block_size if c.block_size else R
+
+
 def diffusion_length(plen, length, c):
-    return max(length, plen + c.gen_length)
+    R = padded_response(plen, length, c)
+    return plen + (2 * R if c.block_size else R)   # block diffusion: a clean and a noised copy
 
 
 def diffusion_layout(tokens, plen, c):
-    """The response EOS-padded to gen_length (the pads are supervised, so that a fixed canvas
-    learns to end). tgt = the clean token at each response position; the loss picks the masked."""
-    L = diffusion_length(plen, len(tokens), c)
-    idx = np.concatenate([tokens, np.full(L - len(tokens), c.eos_id)])
-    resp = np.arange(L) >= plen
-    return {"idx": idx, "pos": np.arange(L), "tgt": np.where(resp, idx, -100), "resp": resp}
+    """Full canvas: prompt + response EOS-padded; the loss masks response tokens. Block diffusion
+    (BD3-LM): prompt + clean response + a noised copy of the response (same positions) whose
+    blocks attend to themselves and to the clean tokens before them (block_diffusion_mask).
+    resp: the tokens noise may touch; blk: the block of each response token (-1: prompt);
+    back: where each token is predicted from, relative to itself (shift: the position before;
+    the first token of a noised block from the clean token before the block, as decoding does)."""
+    R = padded_response(plen, len(tokens), c)
+    resp_idx = np.concatenate([tokens[plen:], np.full(plen + R - len(tokens), c.eos_id)])
+    r = np.arange(R)
+    blk = r // c.block_size if c.block_size else np.zeros(R, np.int64)
+    back = np.full(R, -1 if c.shift else 0)
+    parts = [(tokens[:plen], np.arange(plen), np.full(plen, -1), False, np.zeros(plen, np.int64))]
+    if c.block_size:
+        first = c.shift & (r % c.block_size == 0)   # noised copy sits R after the clean one
+        parts.append((resp_idx, plen + r, blk, False, np.zeros(R, np.int64)))
+        back = np.where(first, -R - 1, back)
+    parts.append((resp_idx, plen + r, blk, True, back))
+    idx, pos, blk, resp, back = (np.concatenate(x) for x in zip(*[(a, p, k, np.full(len(a), n), bk)
+                                                                  for a, p, k, n, bk in parts]))
+    return {"idx": idx, "pos": pos, "tgt": np.where(resp, idx, -100), "resp": resp, "blk": blk, "back": back}
 
 
 def cart_weights(masked, doc, p):
@@ -324,19 +347,18 @@ def cart_weights(masked, doc, p):
 
 
 def diffusion_term(model, b, c, masked, t_tok, mask):
-    """Summed weighted CE over the masked response tokens for one noising of the batch."""
+    """Summed weighted CE over the masked response tokens for one noising of the batch. Each
+    masked token is predicted at its position + back (one position predicts one token at most)."""
     noisy = torch.where(masked, torch.full_like(b["idx"], c.mask_id), b["idx"])
-    if c.shift:   # Dream: the token at i+1 is predicted at i
-        sel = torch.zeros_like(masked)
-        sel[:, :-1] = masked[:, 1:]
-        tgt = torch.roll(b["idx"], -1, dims=1)[sel]
-    else:
-        sel, tgt = masked, b["idx"][masked]
     weight = {"original": lambda: 1 / t_tok, "linear": lambda: 1 - t_tok,
               "cart": lambda: cart_weights(masked, b["doc"], c.cart_p)}[c.time_weighting]()
-    w = (weight[masked] if not c.shift else weight[:, 1:][masked[:, 1:]])
-    ce, _ = model(noisy, b["pos"], mask, select=sel, targets=tgt)
-    return (ce * w).sum(), ce.sum()
+    r, i = masked.nonzero(as_tuple=True)
+    src = i + b["back"][r, i]
+    tgt_at = torch.full_like(b["idx"], -100).index_put((r, src), b["idx"][r, i])
+    w_at = torch.zeros_like(weight).index_put((r, src), weight[r, i])
+    sel = tgt_at >= 0
+    ce, _ = model(noisy, b["pos"], mask, select=sel, targets=tgt_at[sel])
+    return (ce * w_at[sel]).sum(), ce.sum()
 
 
 def diffusion_loss(model, b, c, gen, norm, backward):
@@ -347,7 +369,7 @@ def diffusion_loss(model, b, c, gen, norm, backward):
     t_doc = (1 - c.eps) * torch.rand(b["doc"].shape[0], n_docs, generator=gen) + c.eps
     t_tok = t_doc.to(resp.device).gather(1, b["doc"].clamp(min=0))
     masked = resp & (torch.rand(resp.shape, generator=gen).to(resp.device) < t_tok)
-    mask = bidirectional_mask(b["doc"])
+    mask = block_diffusion_mask(b["doc"], resp, b["blk"]) if c.block_size else bidirectional_mask(b["doc"])
     with backward.hold(c.complementary_mask):
         loss, ce = diffusion_term(model, b, c, masked, t_tok, mask)
     out = {"masked_ce": ce.item() / norm["tgt"]}
@@ -474,7 +496,8 @@ MODES = {
     "sft": {"length": sft_length, "layout": sft_layout, "loss": sft_loss, "counts": count_targets},
     "refine": {"length": sft_length, "layout": refine_layout, "loss": refine_loss, "counts": count_refine},
     "diffusion": {"length": diffusion_length, "layout": diffusion_layout, "loss": diffusion_loss,
-                  "counts": count_diffusion, "info": lambda c: {"gen_length": c.gen_length, "shift": c.shift}},
+                  "counts": count_diffusion,
+                  "info": lambda c: {"gen_length": c.gen_length, "shift": c.shift, "block_size": c.block_size}},
     "interleaved": {"length": interleaved_length, "layout": interleaved_layout, "loss": interleaved_loss,
                     "counts": count_interleaved, "info": lambda c: {"block_size": c.block_size}},
 }
@@ -544,8 +567,9 @@ def build_model(c, meta):
                        c.sampler_head)
         model.lora_config.update(base=os.path.abspath(path), base_fingerprint=fp)
         return model, real
-    if info:   # a training checkpoint: its sharded state, read by each rank for its rows
-        return checkpoint_source(path)
+    if info and os.path.isdir(os.path.join(path, "state")):   # a training checkpoint: its sharded state,
+        return checkpoint_source(path)                          # read by each rank for its rows
+    # an HF folder (or a checkpoint written before sharded checkpoints: an HF folder + info.json)
     model, _, rows_of = hf_source(path, meta["vocab_size"])   # the MASK token may grow the vocabulary
     return model, lambda m, device, dist: materialize(m, device, rows_of)
 
@@ -553,7 +577,9 @@ def build_model(c, meta):
 def check_compatible(c, meta, model, splits):
     """The data fits the model: its tokens, and its largest position id (positions restart with
     each packed example, and interleaved slots reuse their block's positions)."""
-    span = sft_length if c.mode == "interleaved" else MODES[c.mode]["length"]
+    span = MODES[c.mode]["length"]
+    if c.mode == "interleaved" or (c.mode == "diffusion" and c.block_size):   # copies reuse positions
+        span = sft_length if c.mode == "interleaved" else lambda p, n, c: p + padded_response(p, n, c)
     longest = max((span(int(p), int(n), c) for s in splits for _, p, n in s.index), default=0)
     if longest > model.config.max_position_embeddings:
         raise UserError(f"examples of {longest} positions (mode {c.mode}) are beyond the model's "

@@ -3,3 +3,4 @@ exec(open("config/gsm8k_sft.py").read())
 out_dir = "out/gsm8k_diffusion"
 mode = "diffusion"
 gen_length = 384
+block_size = 0         # one full canvas (LLaDA); block_size > 0 is block diffusion

@@ -5,3 +5,4 @@ out_dir = "out/gsm8k_stories_diffusion"
 mode = "diffusion"
 shift = True
 gen_length = 256
+block_size = 0         # one full canvas (LLaDA); block_size > 0 is block diffusion

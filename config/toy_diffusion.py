@@ -6,3 +6,4 @@ out_dir = "out/toy_diffusion"
 mode = "diffusion"
 gen_length = 80        # the canvas: every response (<= 65 tokens here) EOS-padded to 80
 max_length = 384
+block_size = 0         # one full canvas (LLaDA); block_size > 0 is block diffusion

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import train
-from conftest import Recorder
+from conftest import EAGER_FLEX, Recorder
 from configurator import configure, defaults_from
 from generate import choose, decode_blocks, decode_diffusion
-from model import ModelConfig, Transformer, bidirectional_mask
+from model import ModelConfig, Transformer, bidirectional_mask, block_causal_mask, block_diffusion_mask, dense_mask
 
 EOS, MASK = 256, 257
 
@@ -37,7 +37,7 @@ def batch(c):
 @pytest.mark.parametrize("weighting", ["original", "linear", "cart"])
 @pytest.mark.parametrize("shift", [False, True])
 def test_loss_by_hand(weighting, shift):
-    c = cfg(mode="diffusion", gen_length=10, time_weighting=weighting, shift=shift, cart_p=0.3)
+    c = cfg(mode="diffusion", gen_length=10, time_weighting=weighting, shift=shift, cart_p=0.3, block_size=0)
     b = batch(c)
     assert int(b["resp"].sum()) == 20   # both responses EOS-padded to gen_length=10
     m, seed = tiny_model(), 7
@@ -75,7 +75,7 @@ def test_loss_by_hand(weighting, shift):
 
 
 def test_complementary_masks_cover_the_response_once():
-    c = cfg(mode="diffusion", gen_length=10, complementary_mask=True)
+    c = cfg(mode="diffusion", gen_length=10, complementary_mask=True, block_size=0)
     b = batch(c)
     rec = Recorder(tiny_model())
     train.diffusion_loss(rec, b, c, torch.Generator().manual_seed(0), {"tgt": 20.0}, train.Backward())
@@ -214,3 +214,84 @@ def test_semi_ar_unmasks_only_the_current_block_of_the_whole_canvas(kw):
             canvas = x[b, len(p):len(p) + G].tolist()
             current = next((i // L for i, t in enumerate(canvas) if t == MASK), G // L)
             assert all(t == MASK for t in canvas[(current + 1) * L:]), canvas
+
+
+def block_batch(shift, B=4):
+    c = cfg(mode="diffusion", block_size=B, shift=shift, gen_length=0)
+    rng = np.random.default_rng(2)
+    rows = [[train.diffusion_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in ((5, 7), (3, 9))]]
+    return c, train.collate(rows, 64, EOS)
+
+
+@EAGER_FLEX
+def test_block_diffusion_mask_truth_table_and_flex():
+    _, b = block_batch(False)
+    doc, noisy, blk = b["doc"], b["resp"], b["blk"]
+    mm = block_diffusion_mask(doc, noisy, blk)
+    dense = dense_mask(mm, 1, 64, 64, "cpu")[0, 0]
+    for q in range(64):
+        for k in range(64):
+            same = doc[0, q] == doc[0, k]
+            nq, nk, bq, bk = bool(noisy[0, q]), bool(noisy[0, k]), int(blk[0, q]), int(blk[0, k])
+            if not nq:
+                want = same and not nk and bk <= bq          # clean: block-causal over clean tokens
+            else:
+                want = same and ((nk and bk == bq) or (not nk and bk < bq))
+            assert bool(dense[q, k]) == bool(want), (q, k)
+    m = tiny_model()
+    x = torch.randint(0, 256, (1, 64))
+    with torch.no_grad():   # the same mask_mod through FlexAttention and as a dense SDPA mask
+        a = m.set_backend("sdpa")(x, b["pos"], mm)
+        z = m.set_backend("flex")(x, b["pos"], mm)
+    assert (a - z).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_block_diffusion_training_logits_are_the_decoding_forward(shift):
+    """A noised block's logits in the training layout = a decoding forward over [prompt + clean
+    earlier blocks][that noised block] under block_causal_mask (what decode_blocks computes), and
+    with shift the block's first token is predicted by the clean token before it."""
+    c, b = block_batch(shift)
+    m = tiny_model(1)
+    g = torch.Generator().manual_seed(0)
+    masked = b["resp"] & (torch.rand(b["resp"].shape, generator=g) < 0.5)
+    noisy = torch.where(masked, MASK, b["idx"])
+    with torch.no_grad():
+        train_logits = m(noisy, b["pos"], block_diffusion_mask(b["doc"], b["resp"], b["blk"]))[0]
+    starts = [0, 5 + 8 + 8]                        # the two examples: prompt 5, 8 response tokens (x2)
+    for s0, P, R in ((starts[0], 5, 8), (starts[1], 3, 12)):
+        for k in range(R // 4):
+            clean = b["idx"][0, s0:s0 + P + 4 * k].tolist()
+            blockn = noisy[0, s0 + P + R + 4 * k:s0 + P + R + 4 * k + 4].tolist()
+            x = torch.tensor([clean + blockn])
+            with torch.no_grad():
+                dec = m(x, None, block_causal_mask(torch.tensor([P]), 4))[0]
+            got = train_logits[s0 + P + R + 4 * k:s0 + P + R + 4 * k + 4]
+            assert (dec[-4:] - got).abs().max() < 1e-5
+            if shift:   # the token before the block: the clean stream in training, the context in decoding
+                back = s0 + P + R + 4 * k + int(b["back"][0, s0 + P + R + 4 * k])
+                assert back == s0 + P + 4 * k - 1
+                assert (dec[len(clean) - 1] - train_logits[back]).abs().max() < 1e-5
+
+
+def test_block_diffusion_loss_by_hand():
+    c, b = block_batch(True)
+    m, seed = tiny_model(), 3
+    rec = Recorder(m)
+    n = float(b["resp"].sum())
+    got = train.diffusion_loss(rec, b, c, torch.Generator().manual_seed(seed), {"tgt": n}, train.Backward())["loss"]
+    g = torch.Generator().manual_seed(seed)
+    t_doc = (1 - c.eps) * torch.rand(1, 2, generator=g) + c.eps
+    noisy = rec.inputs[0][0]
+    with torch.no_grad():
+        logits = m(noisy[None], b["pos"], block_diffusion_mask(b["doc"], b["resp"], b["blk"]))[0]
+    total, layout = 0.0, [(0, 5, 8), (21, 3, 12)]
+    for s0, P, R in layout:
+        for r in range(R):
+            i = s0 + P + R + r
+            if noisy[i] != MASK:
+                continue
+            src = (s0 + P + r - 1) if r % 4 == 0 else i - 1   # shift: from the clean token before the block
+            total += float(F.cross_entropy(logits[src][None], b["idx"][0, i][None])) / float(t_doc[0, int(b["doc"][0, i])])
+    assert (noisy[:21][~b["resp"][0, :21]] != MASK).all()
+    assert math.isclose(got, total / n, rel_tol=1e-5), (got, total / n)
