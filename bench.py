@@ -356,9 +356,9 @@ def main(argv=None):
             del RUNS[name]
     if b.quick:
         b.eval_n, b.speed_n, b.time_steps, b.lora_rank = 16, 8, 2, 4
-        for name in [n for n in RUNS if "from sft" in n and (n.startswith(("interleaved B=8", "block diffusion B=8"))
+        for name in [n for n in RUNS if "from sft" in n and (n.startswith(("interleaved B=8", "block diffusion"))
                                                               or (n.startswith("interleaved") and " full " in n))]:
-            del RUNS[name]   # the same code paths as the B=4 LoRA runs
+            del RUNS[name]   # the same code paths as the B=4 LoRA runs; block diffusion: tests/test_diffusion.py
         for name, (_, decoders) in RUNS.items():   # one decoder per trained mode keeps it short
             del decoders[1:]
     tmp = b.out_dir or tempfile.mkdtemp(prefix="bench-")

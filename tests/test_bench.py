@@ -23,6 +23,6 @@ def test_bench_quick_json_has_every_field(tmp_path):
             for bs in ("1", "8"):
                 assert {"tokens_per_forward", "speed_tokens_per_second"} <= set(r[bs]), (name, label)
             assert "accuracy" in r["8"]
-            if name not in ("diffusion", "diffusion shift from sft"):
+            if "diffusion" not in name:   # diffusion checkpoints have no AR decoding to compare with
                 assert "speedup_vs_ar" in r["1"] and "speedup_vs_ar" in r["8"]
     assert res["hf_generate"]["ratio"] > 0
