@@ -735,12 +735,12 @@ def hf_source(path, vocab_size=0):
         if a < old:
             out[:old - a] = weights.rows(name, a, old)
         return out
-    return model, weights, rows_of
+    return model, rows_of
 
 
 def from_pretrained(path, device="cpu", dtype=torch.float32):
     """Load an HF checkpoint folder (llama, qwen2, qwen3, mistral) into our Transformer."""
-    model, _, rows_of = hf_source(path)
+    model, rows_of = hf_source(path)
     return materialize(model, device, rows_of).to(dtype)
 
 

@@ -570,7 +570,7 @@ def build_model(c, meta):
     if info and os.path.isdir(os.path.join(path, "state")):   # a training checkpoint: its sharded state,
         return checkpoint_source(path)                          # read by each rank for its rows
     # an HF folder (or a checkpoint written before sharded checkpoints: an HF folder + info.json)
-    model, _, rows_of = hf_source(path, meta["vocab_size"])   # the MASK token may grow the vocabulary
+    model, rows_of = hf_source(path, meta["vocab_size"])   # the MASK token may grow the vocabulary
     return model, lambda m, device, dist: materialize(m, device, rows_of)
 
 
