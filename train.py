@@ -645,7 +645,8 @@ def save_checkpoint(c, raw, opt, step, rank, tok, info):
     msd, osd = get_state_dict(raw, opt)   # sharded under FSDP2: nothing is gathered
     msd = untied(msd, raw.config)
     if raw.lora_config:   # the adapters, the MASK row, the sampler head; info.json names the base
-        msd = {k: v for k, v in msd.items() if k in raw.lora_state()}
+        keep = set(raw.lora_state())
+        msd = {k: v for k, v in msd.items() if k in keep}
         info = {**info, "lora": raw.lora_config}
     dcp_call("save", {"model": msd, "optimizer": osd}, checkpoint_id=os.path.join(tmp, "state"), no_dist=not dist)
     if rank == 0:
@@ -969,7 +970,7 @@ def main(argv=None):
         train(c)
     finally:
         if torch.distributed.is_initialized():
-            torch.distributed.barrier()   # with gloo, tearing down without it can abort a peer
+            barrier()   # with gloo, tearing down without it can abort a peer
             torch.distributed.destroy_process_group()
 
 
