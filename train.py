@@ -82,8 +82,9 @@ grad_clip = 1.0
 # evaluation, logging, checkpoints
 eval_interval = 250
 eval_iters = 10
-eval_only = False             # evaluate init_from on the validation split and exit (per-slot
-                              # teacher-forced accuracy for interleaved: the seed's diagnostic)
+eval_only = False             # evaluate init_from on the validation split and exit; val reports
+                              # acc_next, teacher-forced next-token accuracy (diffusion: clean
+                              # prefix, MASK suffix), and per-slot accuracy for interleaved
 log_interval = 10
 save_interval = 500
 keep_last = 2
@@ -234,9 +235,9 @@ def sft_layout(tokens, plen, c):
 
 def sft_loss(model, b, c, gen, norm, backward):
     sel = b["tgt"] >= 0
-    loss = model(b["idx"], b["pos"], causal_mask(b["doc"]), select=sel, targets=b["tgt"][sel])[0].sum()
-    backward(loss / norm["tgt"], final=True)
-    return {"loss": loss.item() / norm["tgt"]}
+    ce, pred = model(b["idx"], b["pos"], causal_mask(b["doc"]), select=sel, targets=b["tgt"][sel])
+    backward(ce.sum() / norm["tgt"], final=True)
+    return {"loss": ce.sum().item() / norm["tgt"], "acc_next": (pred == b["tgt"][sel]).sum().item() / norm["tgt"]}
 
 
 def count_targets(b, c):
@@ -317,7 +318,8 @@ def diffusion_layout(tokens, plen, c):
     """Full canvas: prompt + response EOS-padded; the loss masks response tokens. Block diffusion
     (BD3-LM): prompt + clean response + a noised copy of the response (same positions) whose
     blocks attend to themselves and to the clean tokens before them (block_diffusion_mask).
-    resp: the tokens noise may touch; blk: the block of each response token (-1: prompt);
+    resp: the tokens noise may touch; real: response tokens that are not padding (the EOS that
+    ends the response is real); blk: the block of each response token (-1: prompt);
     back: where each token is predicted from, relative to itself (shift: the position before;
     the first token of a noised block from the clean token before the block, as decoding does)."""
     R = padded_response(plen, len(tokens), c)
@@ -333,7 +335,9 @@ def diffusion_layout(tokens, plen, c):
     parts.append((resp_idx, plen + r, blk, True, back))
     idx, pos, blk, resp, back = (np.concatenate(x) for x in zip(*[(a, p, k, np.full(len(a), n), bk)
                                                                   for a, p, k, n, bk in parts]))
-    return {"idx": idx, "pos": pos, "tgt": np.where(resp, idx, -100), "resp": resp, "blk": blk, "back": back}
+    real = np.concatenate([np.zeros(plen, bool)] + [r < len(tokens) - plen] * (len(parts) - 1))
+    return {"idx": idx, "pos": pos, "tgt": np.where(resp, idx, -100), "resp": resp, "blk": blk, "back": back,
+            "real": real}
 
 
 def cart_weights(masked, doc, p):
@@ -382,6 +386,30 @@ def diffusion_loss(model, b, c, gen, norm, backward):
         backward(loss / norm["tgt"], final=True)
         out["loss"] = loss.item() / norm["tgt"]
     return out
+
+
+@torch.no_grad()
+def diffusion_probe(model, b, c, gen):
+    """Teacher-forced left-to-right accuracy (validation only): each example is cut at a random
+    real response token k, the tokens before it clean, k and after MASK (later blocks too), and
+    the prediction of token k is scored. Weighted by the example's real response length, the
+    mean estimates the per-token accuracy sft's acc_next measures exactly: next to it, it tells an
+    undertrained model from a decoding-order problem."""
+    resp, doc, dev = b["resp"], b["doc"], b["idx"].device
+    key = doc + 1   # padding (-1) gets its own slot
+    n = torch.zeros(doc.shape[0], int(doc.max()) + 2, dtype=torch.long, device=dev)
+    start = n.clone().fill_(1 << 30).scatter_reduce(1, key, torch.where(resp, b["pos"], 1 << 30), "amin")
+    n_real = n.scatter_add(1, key, (resp & b["real"]).long())
+    cut = (torch.rand(n.shape, generator=gen).to(dev) * n_real).long().gather(1, key)
+    rel = b["pos"] - start.gather(1, key)
+    masked = resp & (rel >= cut)
+    r, i = (resp & b["real"] & (rel == cut)).nonzero(as_tuple=True)
+    sel = torch.zeros_like(resp).index_put((r, i + b["back"][r, i]), torch.ones_like(r, dtype=torch.bool))
+    tgt = torch.full_like(b["idx"], -100).index_put((r, i + b["back"][r, i]), b["idx"][r, i])[sel]
+    mask = block_diffusion_mask(doc, resp, b["blk"]) if c.block_size else bidirectional_mask(doc)
+    _, pred = model(torch.where(masked, c.mask_id, b["idx"]), b["pos"], mask, select=sel, targets=tgt)
+    weight = n_real.gather(1, key)[sel].float()
+    return {"acc_next": ((pred == tgt).float() * weight).sum().item() / max(weight.sum().item(), 1.0)}
 
 
 def count_diffusion(b, c):
@@ -474,10 +502,11 @@ def interleaved_loss(model, b, c, gen, norm, backward):
     ar, sl = ce[~is_slot].sum(), ce[is_slot].sum()
     backward(ar / norm["tgt"] + c.mask_loss_weight * sl / norm["slot"], final=True)
     out["loss_slot"] = sl.item() / norm["slot"]
+    hit = pred == tgt
     if not c.gated_lora:
         out["loss_ar"] = ar.item() / norm["tgt"]
+        out["acc_next"] = hit[~is_slot].sum().item() / norm["tgt"]
     out["loss"] = out.get("loss_ar", 0.0) + c.mask_loss_weight * out["loss_slot"]
-    hit = pred == tgt
     for k in range(c.block_size - 1):
         m = is_slot & (j == k)
         out[f"acc_slot{k}"] = hit[m].sum().item() / norm[f"slot{k}"]
@@ -496,7 +525,7 @@ MODES = {
     "sft": {"length": sft_length, "layout": sft_layout, "loss": sft_loss, "counts": count_targets},
     "refine": {"length": sft_length, "layout": refine_layout, "loss": refine_loss, "counts": count_refine},
     "diffusion": {"length": diffusion_length, "layout": diffusion_layout, "loss": diffusion_loss,
-                  "counts": count_diffusion,
+                  "counts": count_diffusion, "probe": diffusion_probe,
                   "info": lambda c: {"gen_length": c.gen_length, "shift": c.shift, "block_size": c.block_size}},
     "interleaved": {"length": interleaved_length, "layout": interleaved_layout, "loss": interleaved_loss,
                     "counts": count_interleaved, "info": lambda c: {"block_size": c.block_size}},
@@ -779,8 +808,9 @@ def evaluate(model, val, c, world, rank, autocast):
         b = val.build(micro[m % len(micro)])
         norm = {k: float(max(v, 1)) for k, v in MODES[c.mode]["counts"](b, c).items()}
         with autocast:
-            out = MODES[c.mode]["loss"](model, to_device(b, c.device), c,
-                                        torch.Generator().manual_seed(PAD_SEED + m), norm, Backward())
+            b, gen = to_device(b, c.device), torch.Generator().manual_seed(PAD_SEED + m)
+            out = MODES[c.mode]["loss"](model, b, c, gen, norm, Backward())
+            out.update(MODES[c.mode].get("probe", lambda *a: {})(model, b, c, gen))
         for k, v in out.items():
             total[k] = total.get(k, 0.0) + v * (m < len(micro))
     keys = sorted(total)

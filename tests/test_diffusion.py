@@ -295,3 +295,61 @@ def test_block_diffusion_loss_by_hand():
             total += float(F.cross_entropy(logits[src][None], b["idx"][0, i][None])) / float(t_doc[0, int(b["doc"][0, i])])
     assert (noisy[:21][~b["resp"][0, :21]] != MASK).all()
     assert math.isclose(got, total / n, rel_tol=1e-5), (got, total / n)
+
+
+class Probed:
+    """The model, recording what the probe asked it; its first selected prediction forced right
+    (a random model scores 0 everywhere, which would not test the weighting)."""
+
+    def __init__(self, m):
+        self.m = m
+
+    def __call__(self, idx, pos, mask, select, targets):
+        ce, pred = self.m(idx, pos, mask, select=select, targets=targets)
+        self.idx, self.select, self.targets, self.pred = idx, select, targets, pred.clone()
+        return ce, torch.cat([targets[:1], pred[1:]])
+
+
+@pytest.mark.parametrize("B,shift", [(0, False), (0, True), (4, True), (4, False)])
+def test_probe_scores_the_next_token_after_a_clean_prefix(B, shift):
+    """diffusion_probe: per example, the response before a cut is clean and the rest MASK, the cut
+    never falls on padding, the scored prediction is the one a decoding forward makes from the same
+    context (whole canvas; or [prompt + clean earlier blocks][this block]), and the accuracy is
+    weighted by the real response length."""
+    c = cfg(mode="diffusion", block_size=B, shift=shift, gen_length=10)
+    rng = np.random.default_rng(4)
+    shapes = ((5, 7), (3, 4), (4, 13))                 # (prompt, real response): padded to 12, 12, 16
+    lays = [train.diffusion_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in shapes]
+    b = train.collate([lays], 96, EOS)
+    m, seen = tiny_model(2), {k: set() for k in range(3)}
+    for seed in range(12):
+        rec = Probed(m)
+        acc = train.diffusion_probe(rec, b, c, torch.Generator().manual_seed(seed))["acc_next"]
+        sel = rec.select[0].nonzero()[:, 0].tolist()
+        assert len(sel) == 3
+        s0, want_num = 0, 0.0
+        for d, ((P, R), lay) in enumerate(zip(shapes, lays)):
+            n = len(lay["idx"])
+            Rp = (n - P) // (2 if B else 1)
+            noisy = rec.idx[0, s0 + n - Rp:s0 + n].tolist()
+            k = noisy.index(MASK)
+            assert k < R and noisy[:k] == lay["idx"][n - Rp:n - Rp + k].tolist() and set(noisy[k:]) == {MASK}
+            seen[d].add(k)
+            if B:   # decoding: [prompt + clean blocks before k's][k's block, noised]
+                ctx = lay["idx"][:P + k // B * B].tolist()
+                x = torch.tensor([ctx + noisy[k // B * B:k // B * B + B]])
+                with torch.no_grad():
+                    logits = m(x, None, block_causal_mask(torch.tensor([P]), B))[0]
+                at = len(ctx) + k % B - shift
+            else:
+                x = torch.tensor([lay["idx"][:P].tolist() + noisy])
+                with torch.no_grad():
+                    logits = m(x, None, bidirectional_mask(torch.zeros(1, len(x[0]), dtype=torch.long)))[0]
+                at = P + k - shift
+            j = sel.index(s0 + n - Rp + k + int(lay["back"][n - Rp + k]))
+            assert int(rec.targets[j]) == int(lay["idx"][n - Rp + k])
+            assert int(rec.pred[j]) == int(logits[at].argmax())
+            want_num += R * float(j == 0 or rec.pred[j] == rec.targets[j])
+            s0 += n
+        assert math.isclose(acc, want_num / sum(R for _, R in shapes), rel_tol=1e-6)
+    assert all(len(seen[d]) > 2 for d in seen)          # the cut moves with the seed

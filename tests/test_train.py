@@ -1,5 +1,6 @@
 """train.py: stored losses, exact resume, DDP/FSDP2 = single process, packing, export, bad input."""
 import json
+import math
 import os
 
 import numpy as np
@@ -10,7 +11,7 @@ from conftest import ROOT, assert_clean_error, checkpoint_tensors, run_script
 import prepare
 import train
 from configurator import configure, defaults_from
-from model import causal_mask, from_pretrained, load_checkpoint
+from model import ModelConfig, Transformer, causal_mask, from_pretrained, load_checkpoint
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--max_length=128", "--batch_size=4",
         "--learning_rate=3e-3", "--warmup_iters=2", "--eval_interval=0", "--log_interval=1"]
@@ -138,8 +139,27 @@ def test_eval_only_reports_per_slot_accuracy_and_writes_nothing(toy_data, tmp_pa
     p = run_train(toy_data, tmp_path / "eval", "--mode=interleaved", "--max_length=256", "--eval_only=True",
                   f"--init_from={tmp_path / 'run'}", "--eval_iters=2")
     line = [l for l in p.stdout.splitlines() if " val " in l][-1]
-    assert "acc_slot0" in line and "acc_slot2" in line
+    assert "acc_slot0" in line and "acc_slot2" in line and "acc_next" in line
     assert not [d for d in os.listdir(tmp_path / "eval") if d.startswith("ckpt_")]
+
+
+def test_sft_acc_next_is_teacher_forced_argmax_accuracy():
+    """Responses built token by token, every other one the model's greedy choice: acc_next counts
+    those (and any random token that happens to be the greedy one)."""
+    c = configure(defaults_from(vars(train)), ["--mode=sft"])
+    m = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=16)).init_weights(0)
+    rng, lays, hits, n = np.random.default_rng(0), [], 0, 0
+    for length, p in ((9, 3), (12, 5)):
+        toks = rng.integers(0, 50, size=p).tolist()
+        while len(toks) < length:
+            with torch.no_grad():
+                greedy = int(m(torch.tensor([toks]))[0, -1].argmax())
+            toks.append(greedy if len(toks) % 2 else int(rng.integers(0, 50)))
+            hits, n = hits + (toks[-1] == greedy), n + 1
+        lays.append(train.sft_layout(np.array(toks), p, c))
+    b = train.collate([lays], 24, 0)
+    out = train.sft_loss(m, b, c, None, {"tgt": float(n)}, train.Backward())
+    assert 0.4 < hits / n < 1 and math.isclose(out["acc_next"], hits / n, rel_tol=1e-6)
 
 
 def test_torch_compile_matches_eager(toy_data, tmp_path):
