@@ -141,6 +141,10 @@ def test_eval_only_reports_per_slot_accuracy_and_writes_nothing(toy_data, tmp_pa
     line = [l for l in p.stdout.splitlines() if " val " in l][-1]
     assert "acc_slot0" in line and "acc_slot2" in line and "acc_next" in line
     assert not [d for d in os.listdir(tmp_path / "eval") if d.startswith("ckpt_")]
+    assert_clean_error(run_script("train.py", f"--data_dir={toy_data}", f"--out_dir={tmp_path / 'eval'}", *TINY,
+                                  "--mode=interleaved", "--block_size=8", "--eval_only=True",
+                                  f"--init_from={tmp_path / 'run'}"),
+                       "was trained with --mode=interleaved --block_size=4; the config has --mode=interleaved --block_size=8")
 
 
 def test_sft_acc_next_is_teacher_forced_argmax_accuracy():
