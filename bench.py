@@ -68,14 +68,15 @@ RUNS = {  # trained mode -> (train overrides, [(decoder label, generate override
        for B in (4, 8) for kind, kw in (("full", {}), ("lora", {"lora_rank": "{rank}", "lora_alpha": "{rank}"}),
                                         ("gated lora", {"lora_rank": "{rank}", "lora_alpha": "{rank}", "gated_lora": True,
                                                         "sampler_head": True}))},
-    # block diffusion adapted from the sft model (BD3-LM / Fast-dLLM v2): decoded block by block, cached
-    **{f"block diffusion B={B} from sft": ({"mode": "diffusion", "block_size": B, "shift": True, "gen_length": 0,
-                                           "init_from": "{sft}", "learning_rate": 1e-3},
+    # block diffusion adapted from the sft model (BD3-LM / Fast-dLLM v2): decoded block by block, cached;
+    # "+AR": a causal clean stream that keeps sft's next-token loss (and decodes AR too)
+    **{f"block diffusion B={B}{ar} from sft": ({"mode": "diffusion", "block_size": B, "shift": True, "gen_length": 0,
+                                               "init_from": "{sft}", "learning_rate": 1e-3, **kw},
                                           [(f"diffusion t={t}", {"method": "diffusion", "dthreshold": t,
                                                                  "max_new_tokens": 80}) for t in (0.9, 0.7)] +
                                           [("diffusion 2 per step", {"method": "diffusion", "alg": "entropy",
                                                                     "steps": 40, "max_new_tokens": 80})])
-       for B in (4, 8)},
+       for B in (4, 8) for ar, kw in (("", {}), (" +AR", {"causal_clean": True, "ar_loss_weight": 1.0}))},
     "diffusion shift from sft": ({"mode": "diffusion", "gen_length": 80, "shift": True, "init_from": "{sft}",
                                   "learning_rate": 1e-3, "block_size": 0},
                                  [("diffusion entropy steps=80", {"method": "diffusion", "alg": "entropy", "steps": 80,
@@ -221,7 +222,7 @@ def decode_all(b, data_dir, tmp):
             print(f"trained {name} in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
         model, info, tok = generate.load(out_run, b.device)
         items = generate.load_prompts(gen_config(b, data=os.path.join(data_dir, "val.jsonl"), limit=b.eval_n), info)
-        ar = {bs: measure(b, model, info, tok, items, {}, bs) for bs in (1, 8)} if info["mode"] != "diffusion" else None
+        ar = {bs: measure(b, model, info, tok, items, {}, bs) for bs in (1, 8)} if info["mode"] != "diffusion" or info.get("causal_clean") else None
         rows = {"ar": ar} if ar else {}
         for label, kw in decoders:
             if label != "ar":

@@ -494,7 +494,8 @@ def decode_blocks(model, prompts, c, info, generator=None, reference=False):
     first forward feeds [the prompt or the block just finished][L MASKs]; the pending tokens are
     then committed to the KV cache, later steps feed only the L tokens of the current block.
     Under block_causal_mask a finished block never sees later ones, so the cache is exact: equal
-    to recomputing everything (reference=True). A row stops after the block holding EOS."""
+    to recomputing everything (reference=True); with the checkpoint's causal_clean the finished
+    blocks are token-causal, as in training. A row stops after the block holding EOS."""
     L, G = info.get("block_size") or c.block_length, canvas_length(c, info)
     n, dev, mask_id = len(prompts), model.lm_head.weight.device, info["mask_id"]
     if G % L:
@@ -502,10 +503,11 @@ def decode_blocks(model, prompts, c, info, generator=None, reference=False):
     n_blocks, eos = G // L, set(info["eos_ids"])
     per_block = schedule(L, max(1, (c.steps or G) // n_blocks))   # LLaDA: steps split evenly over blocks
     plen = torch.tensor([len(p) for p in prompts], device=dev)
-    rule = block_causal_mask(plen, L)
+    causal = bool(info.get("causal_clean"))
     cache = KVCache(model.config, n, max(map(len, prompts)) + G + 1, dev, model.lm_head.weight.dtype)
     pending, out, forwards, done = [list(p) for p in prompts], [[] for _ in range(n)], [0] * n, [False] * n
     for blk in range(n_blocks):
+        rule = block_causal_mask(plen, L, blk + 1 if causal else None)
         canvas = torch.full((n, L), mask_id, dtype=torch.long, device=dev)
         first = True
         for k in (per_block if not c.dthreshold else itertools.repeat(0)):
@@ -623,9 +625,9 @@ def evaluate(model, info, tok, c, items, generator=None):
     """Decode every item in batches; returns (per-row records, summary dict)."""
     if c.method not in DECODERS:
         raise UserError(f"unknown method {c.method!r} (one of {', '.join(DECODERS)})")
-    if info["mode"] not in MODES[c.method]:
+    if info["mode"] not in MODES[c.method] and not (c.method == "ar" and info.get("causal_clean")):
         raise UserError(f"method {c.method} cannot decode a checkpoint trained with mode={info['mode']} "
-                        f"(it decodes: {', '.join(MODES[c.method])})")
+                        f"(it decodes: {', '.join(MODES[c.method])}; ar also block diffusion with causal_clean)")
     decode = DECODERS[c.method]
     encoded = encode_prompts(tok, items, info)
     records, t0, stats = [], time.time(), {}

@@ -91,28 +91,34 @@ def interleaved_mask(doc, pos, slot, sj):
     return mask_mod
 
 
-def block_diffusion_mask(doc, noisy, blk):
+def block_diffusion_mask(doc, noisy, blk, causal=False):
     """Block diffusion (BD3-LM) over [prompt][clean response][noised copy]: clean tokens attend
-    block-causally (the prompt is block -1); a noised block attends to itself, bidirectionally,
-    and to the clean tokens of earlier blocks and the prompt. Clean tokens never see a noised one."""
+    block-causally (the prompt is block -1), or token-causally (causal=True: the clean stream is
+    an AR model); a noised block attends to itself, bidirectionally, and to the clean tokens of
+    earlier blocks and the prompt. Clean tokens never see a noised one."""
     def mask_mod(b, h, q_idx, kv_idx):
         nq, nk, bq, bk = noisy[b, q_idx], noisy[b, kv_idx], blk[b, q_idx], blk[b, kv_idx]
-        clean = ~nq & ~nk & (bk <= bq)
+        clean = ~nq & ~nk & ((kv_idx <= q_idx) if causal else (bk <= bq))
         noised = nq & ((nk & (bk == bq)) | (~nk & (bk < bq)))
         return (doc[b, q_idx] == doc[b, kv_idx]) & (clean | noised)
     return mask_mod
 
 
-def block_causal_mask(prompt_len, block_length):
+def block_causal_mask(prompt_len, block_length, causal_before=None):
     """Semi-autoregressive diffusion decoding: the prompt is block 0, response block k covers
     positions P + (k-1) L .. P + k L - 1; a token sees every token of its own and earlier blocks.
-    Finished blocks never see later ones, so their cached keys and values stay exact."""
+    Finished blocks never see later ones, so their cached keys and values stay exact. With
+    causal_before=k (a block-diffusion model with a causal clean stream) every block before k is
+    token-causal, as in training; block k, the canvas, stays bidirectional."""
     def block(b, i):
         P = prompt_len[b]
         return torch.where(i < P, 0, 1 + (i - P) // block_length)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return block(b, kv_idx) <= block(b, q_idx)
+        bq, bk = block(b, q_idx), block(b, kv_idx)
+        if causal_before is None:
+            return bk <= bq
+        return (kv_idx <= q_idx) | ((bk == bq) & (bq >= causal_before))
     return mask_mod
 
 

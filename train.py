@@ -38,7 +38,8 @@ noise_min = 0.1               # per-example ratio of response tokens replaced by
 noise_max = 0.9               # ... r ~ U[noise_min, noise_max] (see noise_schedule)
 noise_schedule = "uniform"    # uniform | linear | cosine: the upper end of r grows over training
 loss_weights = []             # per iteration; [] = all 1.0
-ar_loss_weight = 0.0          # + this * next-token loss on the clean sequence (CLLM keeps one)
+ar_loss_weight = 0.0          # + this * next-token loss on the clean sequence (CLLM keeps one; refine,
+                              # and block diffusion with causal_clean)
 # interleaved (next-block prediction) and block diffusion
 block_size = 4                # interleaved: one forward yields the next B tokens; diffusion: block
                               # diffusion with blocks of B (0: one full canvas, LLaDA)
@@ -49,6 +50,8 @@ shift = False                 # Dream: position i predicts token i+1 (for models
 time_weighting = "original"   # original (1/t) | linear (1-t) | cart (Dream's context-adaptive weights)
 cart_p = 0.3                  # cart: the geometric distribution's parameter
 complementary_mask = False    # Fast-dLLM v2: each example also with the complement of its mask
+causal_clean = False          # block diffusion: the clean stream token-causal, an AR model (decodes with
+                              # method=ar too; with ar_loss_weight > 0 it also keeps the AR loss)
 eps = 1e-3                    # t ~ U(eps, 1)
 # adapters (any mode; needs init_from a trained model)
 lora_rank = 0                 # 0: full fine-tuning; > 0: freeze the initial weights, train LoRA adapters
@@ -158,7 +161,9 @@ def collate(layouts, T, pad_id):
     keys = layouts[0][0].keys()
     out = {k: np.zeros((B, T), dtype=layouts[0][0][k].dtype) for k in keys}
     out["idx"][:] = pad_id
-    out["tgt"][:] = -100
+    for k in ("tgt", "ar"):   # targets: padding supervises nothing
+        if k in out:
+            out[k][:] = -100
     out["doc"] = np.full((B, T), -1, dtype=np.int64)
     for r, row in enumerate(layouts):
         t = 0
@@ -321,7 +326,8 @@ def diffusion_layout(tokens, plen, c):
     resp: the tokens noise may touch; real: response tokens that are not padding (the EOS that
     ends the response is real); blk: the block of each response token (-1: prompt);
     back: where each token is predicted from, relative to itself (shift: the position before;
-    the first token of a noised block from the clean token before the block, as decoding does)."""
+    the first token of a noised block from the clean token before the block, as decoding does);
+    ar: with causal_clean, the next-token targets of the clean stream (for ar_loss_weight)."""
     R = padded_response(plen, len(tokens), c)
     resp_idx = np.concatenate([tokens[plen:], np.full(plen + R - len(tokens), c.eos_id)])
     r = np.arange(R)
@@ -336,8 +342,11 @@ def diffusion_layout(tokens, plen, c):
     idx, pos, blk, resp, back = (np.concatenate(x) for x in zip(*[(a, p, k, np.full(len(a), n), bk)
                                                                   for a, p, k, n, bk in parts]))
     real = np.concatenate([np.zeros(plen, bool)] + [r < len(tokens) - plen] * (len(parts) - 1))
+    ar = np.full(len(idx), -100)   # causal clean stream: position j predicts clean token j+1 (real ones)
+    if c.causal_clean:
+        ar[plen - 1:len(tokens) - 1] = tokens[plen:]
     return {"idx": idx, "pos": pos, "tgt": np.where(resp, idx, -100), "resp": resp, "blk": blk, "back": back,
-            "real": real}
+            "real": real, "ar": ar}
 
 
 def cart_weights(masked, doc, p):
@@ -350,9 +359,16 @@ def cart_weights(masked, doc, p):
     return ((same & ~masked[:, None, :]).float() * kernel).sum(-1)
 
 
-def diffusion_term(model, b, c, masked, t_tok, mask):
-    """Summed weighted CE over the masked response tokens for one noising of the batch. Each
-    masked token is predicted at its position + back (one position predicts one token at most)."""
+def diffusion_mask(b, c):
+    return (block_diffusion_mask(b["doc"], b["resp"], b["blk"], c.causal_clean) if c.block_size
+            else bidirectional_mask(b["doc"]))
+
+
+def diffusion_term(model, b, c, masked, t_tok, mask, ar=False):
+    """(weighted CE summed over the masked response tokens for one noising of the batch, their
+    plain CE, and with ar the CE of the clean stream's next tokens from the same forward). Each
+    masked token is predicted at its position + back (one position predicts one token at most:
+    with shift, the clean token before a block predicts the block's first token for both losses)."""
     noisy = torch.where(masked, torch.full_like(b["idx"], c.mask_id), b["idx"])
     weight = {"original": lambda: 1 / t_tok, "linear": lambda: 1 - t_tok,
               "cart": lambda: cart_weights(masked, b["doc"], c.cart_p)}[c.time_weighting]()
@@ -360,31 +376,37 @@ def diffusion_term(model, b, c, masked, t_tok, mask):
     src = i + b["back"][r, i]
     tgt_at = torch.full_like(b["idx"], -100).index_put((r, src), b["idx"][r, i])
     w_at = torch.zeros_like(weight).index_put((r, src), weight[r, i])
-    sel = tgt_at >= 0
-    ce, _ = model(noisy, b["pos"], mask, select=sel, targets=tgt_at[sel])
-    return (ce * w_at[sel]).sum(), ce.sum()
+    ar_at = b["ar"] if ar else torch.full_like(tgt_at, -100)
+    sel = (tgt_at >= 0) | (ar_at >= 0)
+    ce, _ = model(noisy, b["pos"], mask, select=sel, targets=torch.where(tgt_at >= 0, tgt_at, ar_at)[sel])
+    return (ce * w_at[sel]).sum(), (ce * (tgt_at[sel] >= 0)).sum(), (ce * (ar_at[sel] >= 0)).sum()
 
 
 def diffusion_loss(model, b, c, gen, norm, backward):
     """LLaDA SFT: t ~ U(eps, 1) per example, each response token masked with probability t, CE on
-    the masked tokens weighted by time_weighting, divided by the number of response tokens."""
+    the masked tokens weighted by time_weighting, divided by the number of response tokens; plus
+    ar_loss_weight * the clean stream's next-token loss (block diffusion with causal_clean)."""
     resp = b["resp"]
     n_docs = int(b["doc"].max()) + 1
     t_doc = (1 - c.eps) * torch.rand(b["doc"].shape[0], n_docs, generator=gen) + c.eps
     t_tok = t_doc.to(resp.device).gather(1, b["doc"].clamp(min=0))
     masked = resp & (torch.rand(resp.shape, generator=gen).to(resp.device) < t_tok)
-    mask = block_diffusion_mask(b["doc"], resp, b["blk"]) if c.block_size else bidirectional_mask(b["doc"])
+    mask, ar = diffusion_mask(b, c), bool(c.ar_loss_weight)
     with backward.hold(c.complementary_mask):
-        loss, ce = diffusion_term(model, b, c, masked, t_tok, mask)
+        loss, ce, ar_ce = diffusion_term(model, b, c, masked, t_tok, mask, ar)
     out = {"masked_ce": ce.item() / norm["tgt"]}
+    ar_loss = c.ar_loss_weight * ar_ce / norm["ar"] if ar else 0.0
+    if ar:
+        out["loss_ar"] = ar_ce.item() / norm["ar"]
     if c.complementary_mask:   # the same example with exactly the other response tokens masked
-        backward(0.5 * loss / norm["tgt"], final=False)
-        loss2, _ = diffusion_term(model, b, c, resp & ~masked, 1 - t_tok + c.eps, mask)
+        backward(0.5 * loss / norm["tgt"] + ar_loss, final=False)
+        loss2, _, _ = diffusion_term(model, b, c, resp & ~masked, 1 - t_tok + c.eps, mask)
         backward(0.5 * loss2 / norm["tgt"], final=True)
         out["loss"] = 0.5 * (loss.item() + loss2.item()) / norm["tgt"]
     else:
-        backward(loss / norm["tgt"], final=True)
+        backward(loss / norm["tgt"] + ar_loss, final=True)
         out["loss"] = loss.item() / norm["tgt"]
+    out["loss"] += c.ar_loss_weight * out.get("loss_ar", 0.0)
     return out
 
 
@@ -406,14 +428,13 @@ def diffusion_probe(model, b, c, gen):
     r, i = (resp & b["real"] & (rel == cut)).nonzero(as_tuple=True)
     sel = torch.zeros_like(resp).index_put((r, i + b["back"][r, i]), torch.ones_like(r, dtype=torch.bool))
     tgt = torch.full_like(b["idx"], -100).index_put((r, i + b["back"][r, i]), b["idx"][r, i])[sel]
-    mask = block_diffusion_mask(doc, resp, b["blk"]) if c.block_size else bidirectional_mask(doc)
-    _, pred = model(torch.where(masked, c.mask_id, b["idx"]), b["pos"], mask, select=sel, targets=tgt)
+    _, pred = model(torch.where(masked, c.mask_id, b["idx"]), b["pos"], diffusion_mask(b, c), select=sel, targets=tgt)
     weight = n_real.gather(1, key)[sel].float()
     return {"acc_next": ((pred == tgt).float() * weight).sum().item() / max(weight.sum().item(), 1.0)}
 
 
 def count_diffusion(b, c):
-    return {"tgt": int(b["resp"].sum())}
+    return {"tgt": int(b["resp"].sum()), "ar": int((b["ar"] >= 0).sum())}
 
 
 def block_groups(R, B):
@@ -526,7 +547,8 @@ MODES = {
     "refine": {"length": sft_length, "layout": refine_layout, "loss": refine_loss, "counts": count_refine},
     "diffusion": {"length": diffusion_length, "layout": diffusion_layout, "loss": diffusion_loss,
                   "counts": count_diffusion, "probe": diffusion_probe,
-                  "info": lambda c: {"gen_length": c.gen_length, "shift": c.shift, "block_size": c.block_size}},
+                  "info": lambda c: {"gen_length": c.gen_length, "shift": c.shift, "block_size": c.block_size,
+                                     "causal_clean": c.causal_clean}},
     "interleaved": {"length": interleaved_length, "layout": interleaved_layout, "loss": interleaved_loss,
                     "counts": count_interleaved, "info": lambda c: {"block_size": c.block_size}},
 }
@@ -584,7 +606,7 @@ def build_model(c, meta):
         raise UserError(f"{c.data_dir} was prepared with tokenizer {meta['tokenizer']!r}, but {path} "
                         f"with {info['tokenizer_spec']!r}")
     if c.eval_only and info:   # a checkpoint is evaluated under the objective it was trained with
-        keys = ["mode"] + {"interleaved": ["block_size"], "diffusion": ["block_size", "gen_length", "shift"]}.get(info["mode"], [])
+        keys = ["mode"] + {"interleaved": ["block_size"], "diffusion": ["block_size", "gen_length", "shift", "causal_clean"]}.get(info["mode"], [])
         keys = [k for k in keys if k in info]
         if any(info[k] != getattr(c, k) for k in keys):
             raise UserError(f"eval_only: {path} was trained with " + " ".join(f"--{k}={info[k]}" for k in keys) +
@@ -852,6 +874,11 @@ def resolve(c, world):
         raise UserError(f"loss_weights has {len(c.loss_weights)} entries for num_iterations={c.num_iterations}")
     if c.time_weighting not in ("original", "linear", "cart"):
         raise UserError(f"time_weighting={c.time_weighting!r}: expected original, linear or cart")
+    if c.mode == "diffusion" and c.causal_clean and not c.block_size:
+        raise UserError("causal_clean=True needs block diffusion (block_size > 0): a full canvas has no clean stream")
+    if c.mode == "diffusion" and c.ar_loss_weight and not c.causal_clean:
+        raise UserError(f"ar_loss_weight={c.ar_loss_weight} in mode diffusion needs causal_clean=True (and block_size > 0): "
+                        f"a block-causal clean stream sees the tokens it would predict")
     if c.noise_schedule not in ("uniform", "linear", "cosine"):
         raise UserError(f"noise_schedule={c.noise_schedule!r}: expected uniform, linear or cosine")
     if c.lora_rank < 0 or (c.lora_rank and c.init_from == "scratch"):

@@ -124,12 +124,12 @@ def test_no_mask_left(alg):
 
 @pytest.mark.parametrize("kw", [{"block_length": 4}, {"block_length": 3, "steps": 4},
                                 {"block_length": 4, "dthreshold": 0.5}, {"block_length": 6, "alg": "entropy"}])
-@pytest.mark.parametrize("shift", [False, True])
-def test_cached_blocks_equal_uncached(kw, shift):
+@pytest.mark.parametrize("shift,causal", [(False, False), (True, False), (True, True)])
+def test_cached_blocks_equal_uncached(kw, shift, causal):
     m = tiny_model(3).eval()
     with torch.no_grad():   # peaky logits: confidences far apart, so rounding cannot reorder them
         m.embed_tokens.weight.mul_(30)
-    info = dict(INFO, shift=shift)
+    info = dict(INFO, shift=shift, causal_clean=causal)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
     cached = decode_blocks(m, prompts, dcfg(**kw), info)
     assert cached == decode_blocks(m, prompts, dcfg(**kw), info, reference=True)
@@ -137,6 +137,17 @@ def test_cached_blocks_equal_uncached(kw, shift):
     assert cached == decode_diffusion(m, prompts, dcfg(**{**kw, "block_length": 0}), dict(info, block_size=kw["block_length"]))
     for p, got in zip(prompts, cached):   # batch = single row
         assert decode_blocks(m, [p], dcfg(**kw), info) == [got]
+    masks = []   # the recomputing decoder's masks: with causal_clean, causal up to the canvas (the last L)
+    def spy(idx, pos, mask, **a):
+        masks.append((idx.shape[1], mask))
+        return m(idx, pos, mask, **a)
+    spy.lm_head, spy.config = m.lm_head, m.config
+    decode_blocks(spy, prompts[1:2], dcfg(**kw), info, reference=True)
+    L = kw["block_length"]
+    for T, mask in masks:
+        by_hand = (lambda b_, h, q, kv: (kv <= q) | ((q >= T - L) & (kv >= T - L))) if causal else \
+            (lambda b_, h, q, kv: (kv < 5) | ((q >= 5) & ((kv - 5) // L <= (q - 5) // L)))
+        assert torch.equal(dense_mask(mask, 1, T, T, "cpu"), dense_mask(by_hand, 1, T, T, "cpu"))
 
 
 @torch.no_grad()
@@ -216,25 +227,26 @@ def test_semi_ar_unmasks_only_the_current_block_of_the_whole_canvas(kw):
             assert all(t == MASK for t in canvas[(current + 1) * L:]), canvas
 
 
-def block_batch(shift, B=4):
-    c = cfg(mode="diffusion", block_size=B, shift=shift, gen_length=0)
+def block_batch(shift, B=4, causal=False, **kw):
+    c = cfg(mode="diffusion", block_size=B, shift=shift, gen_length=0, causal_clean=causal, **kw)
     rng = np.random.default_rng(2)
     rows = [[train.diffusion_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in ((5, 7), (3, 9))]]
     return c, train.collate(rows, 64, EOS)
 
 
 @EAGER_FLEX
-def test_block_diffusion_mask_truth_table_and_flex():
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_diffusion_mask_truth_table_and_flex(causal):
     _, b = block_batch(False)
     doc, noisy, blk = b["doc"], b["resp"], b["blk"]
-    mm = block_diffusion_mask(doc, noisy, blk)
+    mm = block_diffusion_mask(doc, noisy, blk, causal)
     dense = dense_mask(mm, 1, 64, 64, "cpu")[0, 0]
     for q in range(64):
         for k in range(64):
             same = doc[0, q] == doc[0, k]
             nq, nk, bq, bk = bool(noisy[0, q]), bool(noisy[0, k]), int(blk[0, q]), int(blk[0, k])
-            if not nq:
-                want = same and not nk and bk <= bq          # clean: block-causal over clean tokens
+            if not nq:   # clean: block-causal (or token-causal) over clean tokens
+                want = same and not nk and (k <= q if causal else bk <= bq)
             else:
                 want = same and ((nk and bk == bq) or (not nk and bk < bq))
             assert bool(dense[q, k]) == bool(want), (q, k)
@@ -246,26 +258,37 @@ def test_block_diffusion_mask_truth_table_and_flex():
     assert (a - z).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("shift", [False, True])
-def test_block_diffusion_training_logits_are_the_decoding_forward(shift):
+@pytest.mark.parametrize("shift,causal", [(False, False), (True, False), (True, True)])
+def test_block_diffusion_training_logits_are_the_decoding_forward(shift, causal):
     """A noised block's logits in the training layout = a decoding forward over [prompt + clean
     earlier blocks][that noised block] under block_causal_mask (what decode_blocks computes), and
-    with shift the block's first token is predicted by the clean token before it."""
-    c, b = block_batch(shift)
+    with shift the block's first token is predicted by the clean token before it. With causal_clean
+    the decoding mask is written out here (context causal, the block bidirectional and seeing all
+    of it), and the clean stream's logits are those of a plain causal forward: an AR model."""
+    c, b = block_batch(shift, causal=causal)
     m = tiny_model(1)
     g = torch.Generator().manual_seed(0)
     masked = b["resp"] & (torch.rand(b["resp"].shape, generator=g) < 0.5)
     noisy = torch.where(masked, MASK, b["idx"])
     with torch.no_grad():
-        train_logits = m(noisy, b["pos"], block_diffusion_mask(b["doc"], b["resp"], b["blk"]))[0]
+        train_logits = m(noisy, b["pos"], block_diffusion_mask(b["doc"], b["resp"], b["blk"], causal))[0]
     starts = [0, 5 + 8 + 8]                        # the two examples: prompt 5, 8 response tokens (x2)
     for s0, P, R in ((starts[0], 5, 8), (starts[1], 3, 12)):
+        if causal:
+            with torch.no_grad():
+                ar = m(b["idx"][:, s0:s0 + P + R])[0]
+            assert (ar - train_logits[s0:s0 + P + R]).abs().max() < 1e-5
         for k in range(R // 4):
             clean = b["idx"][0, s0:s0 + P + 4 * k].tolist()
             blockn = noisy[0, s0 + P + R + 4 * k:s0 + P + R + 4 * k + 4].tolist()
             x = torch.tensor([clean + blockn])
+            n = len(clean)
+            rule = block_causal_mask(torch.tensor([P]), 4, k + 1 if causal else None)
+            if causal:
+                by_hand = lambda b_, h, q, kv: (kv <= q) | ((q >= n) & (kv >= n))
+                assert torch.equal(dense_mask(rule, 1, n + 4, n + 4, "cpu"), dense_mask(by_hand, 1, n + 4, n + 4, "cpu"))
             with torch.no_grad():
-                dec = m(x, None, block_causal_mask(torch.tensor([P]), 4))[0]
+                dec = m(x, None, rule)[0]
             got = train_logits[s0 + P + R + 4 * k:s0 + P + R + 4 * k + 4]
             assert (dec[-4:] - got).abs().max() < 1e-5
             if shift:   # the token before the block: the clean stream in training, the context in decoding
@@ -274,17 +297,19 @@ def test_block_diffusion_training_logits_are_the_decoding_forward(shift):
                 assert (dec[len(clean) - 1] - train_logits[back]).abs().max() < 1e-5
 
 
-def test_block_diffusion_loss_by_hand():
-    c, b = block_batch(True)
+@pytest.mark.parametrize("ar_weight", [0.0, 0.5])
+def test_block_diffusion_loss_by_hand(ar_weight):
+    c, b = block_batch(True, causal=bool(ar_weight), ar_loss_weight=ar_weight)
     m, seed = tiny_model(), 3
     rec = Recorder(m)
-    n = float(b["resp"].sum())
-    got = train.diffusion_loss(rec, b, c, torch.Generator().manual_seed(seed), {"tgt": n}, train.Backward())["loss"]
+    n, n_ar = float(b["resp"].sum()), float((b["ar"] >= 0).sum())
+    got = train.diffusion_loss(rec, b, c, torch.Generator().manual_seed(seed), {"tgt": n, "ar": n_ar},
+                               train.Backward())["loss"]
     g = torch.Generator().manual_seed(seed)
     t_doc = (1 - c.eps) * torch.rand(1, 2, generator=g) + c.eps
     noisy = rec.inputs[0][0]
     with torch.no_grad():
-        logits = m(noisy[None], b["pos"], block_diffusion_mask(b["doc"], b["resp"], b["blk"]))[0]
+        logits = m(noisy[None], b["pos"], block_diffusion_mask(b["doc"], b["resp"], b["blk"], c.causal_clean))[0]
     total, layout = 0.0, [(0, 5, 8), (21, 3, 12)]
     for s0, P, R in layout:
         for r in range(R):
@@ -294,7 +319,13 @@ def test_block_diffusion_loss_by_hand():
             src = (s0 + P + r - 1) if r % 4 == 0 else i - 1   # shift: from the clean token before the block
             total += float(F.cross_entropy(logits[src][None], b["idx"][0, i][None])) / float(t_doc[0, int(b["doc"][0, i])])
     assert (noisy[:21][~b["resp"][0, :21]] != MASK).all()
-    assert math.isclose(got, total / n, rel_tol=1e-5), (got, total / n)
+    ar_total = 0.0   # the clean stream's next tokens: prompt's last .. the response's last real token
+    for (s0, P, _), R in zip(layout, (7, 9)):   # real response lengths (padded to 8 and 12)
+        assert n_ar == 0 or (b["ar"][0, s0 + P - 1:s0 + P + R - 1] == b["idx"][0, s0 + P:s0 + P + R]).all()
+        for j in range(s0 + P - 1, s0 + P + R - 1):
+            ar_total += float(F.cross_entropy(logits[j][None], b["idx"][0, j + 1][None]))
+    want = total / n + ar_weight * (ar_total / n_ar if n_ar else 0.0)
+    assert n_ar == (7 + 9 if ar_weight else 0) and math.isclose(got, want, rel_tol=1e-5), (got, want)
 
 
 class Probed:
