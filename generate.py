@@ -40,7 +40,8 @@ quiet = False              # no progress line
 
 # blockwise
 threshold = 0.7            # accept a slot token while its probability >= threshold
-verify = False             # blockwise/refine: accept drafts only where the model's own AR greedy agrees
+verify = False             # blockwise/refine/block diffusion (causal_clean): accept drafts only where
+                           # the model's own AR greedy agrees
 draft_tree = True          # blockwise --verify: a slot group per possible acceptance length, not only for
                            # "all drafts accepted" (more tokens per forward, longer forwards)
 # refine
@@ -455,7 +456,7 @@ def decode_diffusion(model, prompts, c, info, generator=None):
     unmasked (later ones stay MASK in the forward), steps split evenly over blocks; a row stops
     after a block that holds EOS. Block-diffusion checkpoints decode with decode_blocks."""
     if info.get("block_size"):
-        return decode_blocks(model, prompts, c, info, generator)
+        return (decode_blocks_verified if c.verify else decode_blocks)(model, prompts, c, info, generator)
     G, dev, mask_id, eos = canvas_length(c, info), model.lm_head.weight.device, info["mask_id"], set(info["eos_ids"])
     L = c.block_length or G
     if G % L:
@@ -539,6 +540,62 @@ def decode_blocks(model, prompts, c, info, generator=None, reference=False):
             pending[b] = canvas[b].tolist()
         if all(done):
             break
+    return [(cut_at_eos(o, eos), f) for o, f in zip(out, forwards)]
+
+
+@torch.inference_mode()
+def decode_blocks_verified(model, prompts, c, info, generator=None):
+    """--verify for block diffusion with a causal clean stream: the output is the model's own AR
+    greedy output. Each forward feeds a row's pending tokens (the prompt, or its last drafted
+    block), causally as the clean stream, then its next block's canvas, which sees everything
+    before it. A drafted block is checked against the AR logits before each of its tokens: the
+    longest prefix greedy agrees with is accepted with greedy's token after it. All accepted: the
+    block is committed to the cache and the canvas goes on (--dthreshold unmasking, as
+    decode_blocks); else the block comes back as the canvas, its accepted tokens and the
+    correction unmasked, and the rest MASK (nothing committed, the other canvas dropped)."""
+    if c.temperature > 0 or not c.dthreshold or not info.get("causal_clean"):
+        raise UserError("--verify on block diffusion needs a checkpoint trained with causal_clean=True, "
+                        "--temperature=0 and --dthreshold > 0")
+    L, G, mask_id, eos = info["block_size"], canvas_length(c, info), info["mask_id"], set(info["eos_ids"])
+    n, dev = len(prompts), model.lm_head.weight.device
+    cache = KVCache(model.config, n, max(map(len, prompts)) + G + 2 * L + 1, dev, model.lm_head.weight.dtype)
+    pending, drafted = [list(p) for p in prompts], [False] * n         # drafted: pending is a block to check
+    canvas = [[mask_id] * L for _ in range(n)]
+    last, out, forwards, done = [None] * n, [[] for _ in range(n)], [0] * n, [False] * n
+    while not all(done):
+        rows = [pending[b] + canvas[b] if not done[b] else [] for b in range(n)]
+        idx, _ = right_pad([r or [mask_id] for r in rows], info["eos_id"], dev)
+        start = cache.length + torch.tensor([len(p) for p in pending], device=dev)   # each row's canvas
+        end = start + torch.tensor([len(x) for x in canvas], device=dev)
+        rule = lambda b, h, q, kv: (kv <= q) | ((q >= start[b]) & (kv >= start[b]) & (kv < end[b]))
+        logits = clean_logits(model(idx, None, rule, cache=cache), info)
+        commit = [0] * n
+        for b in (b for b in range(n) if not done[b]):
+            forwards[b] += 1
+            P, lg = len(pending[b]), logits[b]
+            if drafted[b]:   # greedy before each drafted token: the last committed logits, then the block's own
+                g = torch.cat([last[b][None], lg[:P - 1]]).argmax(-1).tolist()
+                a = next((i for i in range(P) if pending[b][i] != g[i] or g[i] in eos), P)
+                if a < P:   # the block again, up to greedy's token unmasked; this round's canvas dropped
+                    canvas[b] = pending[b][:a] + [g[a]] + [mask_id] * (L - a - 1)
+                    pending[b], drafted[b] = [], False
+                    if g[a] in eos or len(out[b]) + a + 1 >= G:
+                        out[b], done[b] = out[b] + canvas[b][:a + 1], True
+                    continue
+                out[b] += pending[b]
+            commit[b], last[b] = P, (lg[P - 1] if P else last[b])
+            pending[b], drafted[b] = [], False
+            if not canvas[b]:   # the canvas budget is used up: that check was the last
+                done[b] = True
+                continue
+            row = torch.tensor(canvas[b], device=dev)
+            aligned = torch.cat([last[b][None], lg[P:P + L]])   # the logits before and at each canvas position
+            denoise_step(aligned[:-1] if info.get("shift") else aligned[1:], row, 0, L, 0, c, info, generator)
+            canvas[b] = row.tolist()
+            if mask_id not in canvas[b]:   # drafted: checked by the next forward, with the next block's canvas
+                pending[b], drafted[b] = canvas[b], True
+                canvas[b] = [mask_id] * L if len(out[b]) + 2 * L <= G else []
+        cache.commit(torch.tensor(commit, device=dev))
     return [(cut_at_eos(o, eos), f) for o, f in zip(out, forwards)]
 
 

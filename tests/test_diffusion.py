@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import train
-from conftest import EAGER_FLEX, Recorder
+from conftest import EAGER_FLEX, STORIES, Recorder
 from configurator import configure, defaults_from
-from generate import choose, decode_blocks, decode_diffusion
-from model import ModelConfig, Transformer, bidirectional_mask, block_causal_mask, block_diffusion_mask, dense_mask
+from generate import choose, decode_blocks, decode_blocks_verified, decode_diffusion
+from model import ModelConfig, Transformer, from_pretrained, bidirectional_mask, block_causal_mask, block_diffusion_mask, dense_mask
 
 EOS, MASK = 256, 257
 
@@ -384,3 +384,48 @@ def test_probe_scores_the_next_token_after_a_clean_prefix(B, shift):
             s0 += n
         assert math.isclose(acc, want_num / sum(R for _, R in shapes), rel_tol=1e-6)
     assert all(len(seen[d]) > 2 for d in seen)          # the cut moves with the seed
+
+
+def greedy_ar(m, prompt, n, info):
+    """The slow oracle: one full causal forward per token, argmax over real tokens, stop at EOS."""
+    seq = list(prompt)
+    with torch.no_grad():
+        while len(seq) - len(prompt) < n:
+            logits = m(torch.tensor([seq]))[0, -1].clone()
+            logits[info["vocab_size"]:] = float("-inf")
+            logits[info["mask_id"]] = float("-inf")
+            seq.append(int(logits.argmax()))
+            if seq[-1] in info["eos_ids"]:
+                break
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("dthreshold", [0.01, 0.5, 0.95])
+@pytest.mark.parametrize("shift", [True, False])
+def test_verified_block_decoding_is_the_models_ar_greedy(dthreshold, shift):
+    """decode_blocks_verified (causal_clean) = greedy AR of the clean stream, token for token
+    (the real stories260K weights, whose drafts at MASK positions are often rejected; '.' as EOS so
+    rows end in different blocks); batch = single; and a model whose every prediction is the same
+    token accepts every block."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    m = from_pretrained(STORIES).eval()
+    dot = tok.convert_tokens_to_ids(".")
+    info = {"eos_ids": [dot], "eos_id": dot, "mask_id": 511, "vocab_size": 512, "block_size": 4, "shift": shift,
+            "causal_clean": True, "gen_length": 24}
+    prompts = [tok.encode(t) for t in ("Once upon a time", "The cat sat on", "Lily went to the park and", "Tom had")]
+    c = dcfg(dthreshold=dthreshold, verify=True)
+    got = decode_blocks_verified(m, prompts, c, info)
+    want = [greedy_ar(m, p, 24, info) for p in prompts]
+    assert [ids for ids, _ in got] == want
+    assert len({len(w) for w in want}) > 2 and any(f > -(-len(i) // 4) + 1 for i, f in got)   # ragged; some rejected
+    for p, row in zip(prompts, got):
+        assert decode_blocks_verified(m, [p], c, info) == [row]
+    flat = tiny_model(6).eval()
+    with torch.no_grad():   # every logit 0: greedy and the drafts both pick token 0, one per step
+        flat.norm.weight.zero_()
+    info = dict(INFO, block_size=4, shift=shift, causal_clean=True, gen_length=16)
+    const = decode_blocks_verified(flat, [[5, 6, 7], [8]], c, info)
+    # 4 blocks drafted in 4 steps each, every check sharing a forward with the next block's first
+    # step, all accepted; the last check alone: 17 forwards for 16 tokens
+    assert all(ids == [0] * 16 and forwards == 17 for ids, forwards in const), const
