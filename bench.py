@@ -75,7 +75,9 @@ RUNS = {  # trained mode -> (train overrides, [(decoder label, generate override
                                           [(f"diffusion t={t}", {"method": "diffusion", "dthreshold": t,
                                                                  "max_new_tokens": 80}) for t in (0.9, 0.7)] +
                                           [("diffusion 2 per step", {"method": "diffusion", "alg": "entropy",
-                                                                    "steps": 40, "max_new_tokens": 80})])
+                                                                    "steps": 40, "max_new_tokens": 80})] +
+                                          [(f"diffusion verify t={t}", {"method": "diffusion", "dthreshold": t, "verify": True,
+                                                                        "max_new_tokens": 80}) for t in (0.9, 0.5) if ar])
        for B in (4, 8) for ar, kw in (("", {}), (" +AR", {"causal_clean": True, "ar_loss_weight": 1.0}))},
     "diffusion shift from sft": ({"mode": "diffusion", "gen_length": 80, "shift": True, "init_from": "{sft}",
                                   "learning_rate": 1e-3, "block_size": 0},
