@@ -400,8 +400,7 @@ def greedy_ar(m, prompt, n, info):
     return seq[len(prompt):]
 
 
-@pytest.mark.parametrize("dthreshold", [0.01, 0.5, 0.95])
-@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("dthreshold,shift", [(0.01, True), (0.5, True), (0.95, True), (0.5, False)])
 def test_verified_block_decoding_is_the_models_ar_greedy(dthreshold, shift):
     """decode_blocks_verified (causal_clean) = greedy AR of the clean stream, token for token
     (the real stories260K weights, whose drafts at MASK positions are often rejected; '.' as EOS so
