@@ -606,7 +606,8 @@ def build_model(c, meta):
         raise UserError(f"{c.data_dir} was prepared with tokenizer {meta['tokenizer']!r}, but {path} "
                         f"with {info['tokenizer_spec']!r}")
     if c.eval_only and info:   # a checkpoint is evaluated under the objective it was trained with
-        keys = ["mode"] + {"interleaved": ["block_size"], "diffusion": ["block_size", "gen_length", "shift", "causal_clean"]}.get(info["mode"], [])
+        keys = ["mode"] + {"interleaved": ["block_size"],
+                           "diffusion": ["block_size", "gen_length", "shift", "causal_clean"]}.get(info["mode"], [])
         keys = [k for k in keys if k in info]
         if any(info[k] != getattr(c, k) for k in keys):
             raise UserError(f"eval_only: {path} was trained with " + " ".join(f"--{k}={info[k]}" for k in keys) +
