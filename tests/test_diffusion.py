@@ -86,7 +86,7 @@ def test_complementary_masks_cover_the_response_once():
 def dcfg(**kw):
     return SimpleNamespace(**{"temperature": 0.0, "top_p": 1.0, "alg": "maskgit_plus", "alg_temp": 0.0,
                               "dthreshold": 0.0, "steps": 0, "block_length": 0, "max_new_tokens": 12,
-                              "gen_length": 0, "eos_last": True, **kw})
+                              "gen_length": 0, "eos_last": True, "verify": False, **kw})
 
 
 def test_each_alg_picks_its_rule():
