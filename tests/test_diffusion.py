@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import train
 from conftest import EAGER_FLEX, STORIES, Recorder
+from reference import reference_ar
 from configurator import configure, defaults_from
 from generate import choose, decode_blocks, decode_blocks_verified, decode_diffusion
 from model import ModelConfig, Transformer, from_pretrained, bidirectional_mask, block_causal_mask, block_diffusion_mask, dense_mask
@@ -386,20 +387,6 @@ def test_probe_scores_the_next_token_after_a_clean_prefix(B, shift):
     assert all(len(seen[d]) > 2 for d in seen)          # the cut moves with the seed
 
 
-def greedy_ar(m, prompt, n, info):
-    """The slow oracle: one full causal forward per token, argmax over real tokens, stop at EOS."""
-    seq = list(prompt)
-    with torch.no_grad():
-        while len(seq) - len(prompt) < n:
-            logits = m(torch.tensor([seq]))[0, -1].clone()
-            logits[info["vocab_size"]:] = float("-inf")
-            logits[info["mask_id"]] = float("-inf")
-            seq.append(int(logits.argmax()))
-            if seq[-1] in info["eos_ids"]:
-                break
-    return seq[len(prompt):]
-
-
 @pytest.mark.parametrize("dthreshold,shift", [(0.01, True), (0.5, True), (0.95, True), (0.5, False)])
 def test_verified_block_decoding_is_the_models_ar_greedy(dthreshold, shift):
     """decode_blocks_verified (causal_clean) = greedy AR of the clean stream, token for token
@@ -415,7 +402,7 @@ def test_verified_block_decoding_is_the_models_ar_greedy(dthreshold, shift):
     prompts = [tok.encode(t) for t in ("Once upon a time", "The cat sat on", "Lily went to the park and", "Tom had")]
     c = dcfg(dthreshold=dthreshold, verify=True)
     got = decode_blocks_verified(m, prompts, c, info)
-    want = [greedy_ar(m, p, 24, info) for p in prompts]
+    want = [reference_ar(m, p, 24, info) for p in prompts]
     assert [ids for ids, _ in got] == want
     assert len({len(w) for w in want}) > 2 and any(f > -(-len(i) // 4) + 1 for i, f in got)   # ragged; some rejected
     for p, row in zip(prompts, got):
