@@ -442,8 +442,8 @@ class Transformer(nn.Module):
         if self.mask_embed is not None:
             is_mask = (idx == self.lora_config["mask_id"])[..., None]           # (B, T, 1)
             rows = is_mask.view(-1).nonzero()[:, 0]
-            if len(rows):
-                x = torch.where(is_mask, self.mask_embed.to(x.dtype), x)
+            if len(rows) or self.training:   # training: the row stays in the graph (a zero gradient
+                x = torch.where(is_mask, self.mask_embed.to(x.dtype), x)   # without MASK), as DDP needs
             gate = rows if self.lora_config["gated"] else None   # gated LoRA: the MASK rows only
         rope = rope_tables(self.inv_freq, pos, x.dtype)
         for layer, lc in zip(self.layers, layer_caches):
