@@ -144,9 +144,8 @@ def time_training(b, data_dir, tmp):
             continue
         overrides = resolve(overrides, b, tmp)
         c = train_config(b, data_dir, os.path.join(tmp, "timing"), name, overrides)
-        train.resolve(c, 1)
         meta = json.load(open(os.path.join(data_dir, "meta.json")))
-        c.eos_id, c.mask_id = meta["eos_id"], meta["mask_id"]
+        c = train.resolve(c, 1, meta)
         shards = train.Shards(data_dir, "train")
         batches = train.Batches(shards, c, 1, 0)
         n_ex = 3 * c.batch_size   # the same examples for every mode, packed by its own layout
@@ -165,7 +164,7 @@ def time_training(b, data_dir, tmp):
             sync(c.device)
             t0 = time.perf_counter()
             with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-                train.train_step(model, [(0, batch)], c, 1, i, autocast)
+                train.train_step(model, [(0, batch)], c, 1, i, autocast, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             sync(c.device)
@@ -192,8 +191,7 @@ def sync(dev):
 
 def padding(data_dir, b):
     """Padding fraction of an sft epoch, packed vs one example per row (padded to the batch's longest)."""
-    c = train_config(b, data_dir, "", "sft", {})
-    train.resolve(c, 1)
+    c = train.resolve(train_config(b, data_dir, "", "sft", {}), 1)
     lengths = train.Batches(train.Shards(data_dir, "train"), c, 1, 0).lengths
     packed = train.pack_rows(lengths, c.max_length, True, np.random.default_rng(0))
     pad_packed = 1 - lengths.sum() / (len(packed) * c.max_length)

@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import time
 from contextlib import nullcontext
+from functools import cached_property
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -84,14 +86,14 @@ beta2 = 0.95
 grad_clip = 1.0
 # evaluation, logging, checkpoints
 eval_interval = 250
-eval_iters = 10
+eval_iters = 10                # validation micro-batches (0: all), the same ones on any number of ranks
 eval_only = False             # evaluate init_from on the validation split and exit; val reports
                               # acc_next, teacher-forced next-token accuracy (diffusion: clean
                               # prefix, MASK suffix), and per-slot accuracy for interleaved
 log_interval = 10
 save_interval = 500
 keep_last = 2
-export_hf = False             # also write out_dir/hf, a folder transformers loads
+export_hf = False             # at the end of the run also write out_dir/hf, a folder transformers loads
 wandb_log = False
 wandb_project = "pdlm"
 wandb_run_name = ""
@@ -177,8 +179,11 @@ def collate(layouts, T, pad_id):
 
 
 class Batches:
-    """The deterministic stream of micro-batches: epoch e's rows come from seed + e, and step
-    s uses a fixed slice of them, so the position is a function of the step (exact resume)."""
+    """The deterministic stream of micro-batches: epoch e's rows are packed from seed + e, and
+    step s uses a fixed slice of them, so the position is a function of the step (exact resume).
+    Every epoch has steps_per_epoch steps, epoch 0's count: packing draws a new order each
+    epoch and may pack it into fewer rows, so a short epoch is topped up with the first rows of
+    the next epoch's packing (those examples come twice, once at each end of the boundary)."""
 
     def __init__(self, shards, c, world, rank):
         self.shards, self.c, self.world, self.rank = shards, c, world, rank
@@ -188,25 +193,33 @@ class Batches:
             raise UserError(f"{too_long} examples need more than max_length={c.max_length} tokens in mode "
                             f"{c.mode} (longest {self.lengths.max()}); raise max_length or re-run prepare.py")
         self.per_step = c.batch_size * c.grad_accum * world   # rows per optimizer step
-        self.epoch, self.rows, self.spe = -1, [], None
+        self.packed = {}                                       # epoch -> its packed rows (two at most)
+
+    @cached_property
+    def steps_per_epoch(self):
+        first = self.packing(0)
+        if len(first) < self.per_step:
+            raise UserError(f"one optimizer step needs {self.per_step} rows, an epoch has {len(first)}: "
+                            f"lower batch_size or gradient_accumulation_steps")
+        return len(first) // self.per_step
+
+    def packing(self, e):
+        if e not in self.packed:
+            self.packed = {k: v for k, v in self.packed.items() if k >= e - 1}
+            self.packed[e] = pack_rows(self.lengths, self.c.max_length, self.c.pack, np.random.default_rng([self.c.seed, e]))
+        return self.packed[e]
 
     def rows_for_epoch(self, e):
-        if self.epoch != e:
-            rng = np.random.default_rng([self.c.seed, e])
-            self.epoch, self.rows = e, pack_rows(self.lengths, self.c.max_length, self.c.pack, rng)
-            if len(self.rows) < self.per_step:
-                raise UserError(f"one optimizer step needs {self.per_step} rows, an epoch has {len(self.rows)}: "
-                                f"lower batch_size or gradient_accumulation_steps")
-        return self.rows
-
-    def steps_per_epoch(self):
-        if self.spe is None:   # epoch 0's count for every epoch; the remainder is reshuffled next epoch
-            self.spe = len(self.rows_for_epoch(0)) // self.per_step
-        return self.spe
+        """Exactly steps_per_epoch * per_step rows: epoch e's, topped up from epoch e+1's."""
+        need = self.steps_per_epoch * self.per_step
+        rows = self.packing(e)
+        if len(rows) < need:
+            rows = rows + self.packing(e + 1)[:need - len(rows)]
+        return rows[:need]
 
     def step(self, step):
         """This rank's micro-batches for optimizer step `step`: [(global micro index, rows)]."""
-        spe = self.steps_per_epoch()
+        spe = self.steps_per_epoch
         rows = self.rows_for_epoch(step // spe)
         start = (step % spe) * self.per_step
         out = []
@@ -238,7 +251,7 @@ def sft_layout(tokens, plen, c):
     return {"idx": tokens, "pos": np.arange(len(tokens)), "tgt": tgt}
 
 
-def sft_loss(model, b, c, gen, norm, backward):
+def sft_loss(model, b, c, gen, norm, backward, progress=1.0):
     sel = b["tgt"] >= 0
     ce, pred = model(b["idx"], b["pos"], causal_mask(b["doc"]), select=sel, targets=b["tgt"][sel])
     backward(ce.sum() / norm["tgt"], final=True)
@@ -256,10 +269,12 @@ def refine_layout(tokens, plen, c):
     return lay
 
 
-def noise_ratio(b, c, gen, step):
+def noise_ratio(b, c, gen, progress):
     """One ratio r per example (document), broadcast to its tokens. The schedule moves the upper
-    end of the range from noise_min to noise_max over training (uniform: always the full range)."""
-    progress = min(step / max(c.max_iters, 1), 1.0)
+    end of the range from noise_min to noise_max over training (uniform: always the full range);
+    progress is the fraction of training done, 1.0 for validation (the full range: validation
+    noise depends on nothing but the data)."""
+    progress = min(max(progress, 0.0), 1.0)
     ramp = {"uniform": 1.0, "linear": progress, "cosine": 0.5 - 0.5 * math.cos(math.pi * progress)}[c.noise_schedule]
     hi = c.noise_min + (c.noise_max - c.noise_min) * ramp
     n_docs = int(b["doc"].max()) + 1
@@ -267,13 +282,13 @@ def noise_ratio(b, c, gen, step):
     return r.to(b["doc"].device), r.to(b["doc"].device).gather(1, b["doc"].clamp(min=0))
 
 
-def refine_loss(model, b, c, gen, norm, backward):
+def refine_loss(model, b, c, gen, norm, backward, progress=1.0):
     """Seed iterative_refine: s0 = response tokens replaced by EOS with probability r; for each
     iteration k, CE of model(s_k) against the clean sequence, then s_{k+1} = the greedy next-token
     predictions inside the response (no gradient through the argmax). The iterations share no
     graph, so each loss is backpropagated at once: same gradient, one iteration's activations."""
     sel, resp, mask = b["tgt"] >= 0, b["resp"], causal_mask(b["doc"])
-    r_doc, r_tok = noise_ratio(b, c, gen, c.step)
+    r_doc, r_tok = noise_ratio(b, c, gen, progress)
     noise = resp & (torch.rand(resp.shape, generator=gen).to(resp.device) < r_tok)
     s = torch.where(noise, torch.full_like(b["idx"], c.eos_id), b["idx"])
     weights = c.loss_weights or [1.0] * c.num_iterations
@@ -382,7 +397,7 @@ def diffusion_term(model, b, c, masked, t_tok, mask, ar=False):
     return (ce * w_at[sel]).sum(), (ce * (tgt_at[sel] >= 0)).sum(), (ce * (ar_at[sel] >= 0)).sum()
 
 
-def diffusion_loss(model, b, c, gen, norm, backward):
+def diffusion_loss(model, b, c, gen, norm, backward, progress=1.0):
     """LLaDA SFT: t ~ U(eps, 1) per example, each response token masked with probability t, CE on
     the masked tokens weighted by time_weighting, divided by the number of response tokens; plus
     ar_loss_weight * the clean stream's next-token loss (block diffusion with causal_clean)."""
@@ -411,12 +426,13 @@ def diffusion_loss(model, b, c, gen, norm, backward):
 
 
 @torch.no_grad()
-def diffusion_probe(model, b, c, gen):
+def diffusion_probe(model, b, c, gen, norm):
     """Teacher-forced left-to-right accuracy (validation only): each example is cut at a random
     real response token k, the tokens before it clean, k and after MASK (later blocks too), and
     the prediction of token k is scored. Weighted by the example's real response length, the
     mean estimates the per-token accuracy sft's acc_next measures exactly: next to it, it tells an
-    undertrained model from a decoding-order problem."""
+    undertrained model from a decoding-order problem. Each example's weight sums to its real
+    response length, so dividing by norm["real"] (their total) weights batches by tokens."""
     resp, doc, dev = b["resp"], b["doc"], b["idx"].device
     key = doc + 1   # padding (-1) gets its own slot
     n = torch.zeros(doc.shape[0], int(doc.max()) + 2, dtype=torch.long, device=dev)
@@ -430,11 +446,11 @@ def diffusion_probe(model, b, c, gen):
     tgt = torch.full_like(b["idx"], -100).index_put((r, i + b["back"][r, i]), b["idx"][r, i])[sel]
     _, pred = model(torch.where(masked, c.mask_id, b["idx"]), b["pos"], diffusion_mask(b, c), select=sel, targets=tgt)
     weight = n_real.gather(1, key)[sel].float()
-    return {"acc_next": ((pred == tgt).float() * weight).sum().item() / max(weight.sum().item(), 1.0)}
+    return {"acc_next": ((pred == tgt).float() * weight).sum().item() / norm["real"]}
 
 
 def count_diffusion(b, c):
-    return {"tgt": int(b["resp"].sum()), "ar": int((b["ar"] >= 0).sum())}
+    return {"tgt": int(b["resp"].sum()), "ar": int((b["ar"] >= 0).sum()), "real": int((b["resp"] & b["real"]).sum())}
 
 
 def block_groups(R, B):
@@ -507,7 +523,7 @@ def gated_slot_forward(model, b, c, loss=False):
     return out, tgt, sl["sj"][sel]
 
 
-def interleaved_loss(model, b, c, gen, norm, backward):
+def interleaved_loss(model, b, c, gen, norm, backward, progress=1.0):
     """AR loss on the clean stream + mask_loss_weight * loss on the slots, each divided by its
     own global count; per-slot-index loss and accuracy for the logs. Gated LoRA: the clean stream
     is the frozen base model and its loss a constant: only the slots are trained (and run with grad)."""
@@ -556,18 +572,17 @@ MODES = {
 
 # ----------------------------------------------------------------------------- setup
 
-def setup_distributed(c):
-    """(world, rank, local_rank); under torchrun a process group: gloo on CPU, NCCL for CUDA
-    tensors plus gloo for any CPU ones on GPUs."""
+def setup_distributed(device):
+    """(world, rank, this rank's device); under torchrun a process group: gloo on CPU, NCCL for
+    CUDA tensors plus gloo for any CPU ones on GPUs."""
     if "RANK" not in os.environ:
-        return 1, 0, 0
+        return 1, 0, device
     import torch.distributed as dist
-    dist.init_process_group("cpu:gloo,cuda:nccl" if c.device.startswith("cuda") else "gloo")
-    local = int(os.environ["LOCAL_RANK"])
-    if c.device.startswith("cuda"):
-        c.device = f"cuda:{local}"
-        torch.cuda.set_device(c.device)
-    return dist.get_world_size(), dist.get_rank(), local
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return dist.get_world_size(), dist.get_rank(), device
 
 
 def all_reduce(values, device):
@@ -582,21 +597,19 @@ def build_model(c, meta):
     """(model, fill): a full model is built on the meta device and fill(model, device) makes it
     real after FSDP2 has sharded it, each rank initialising or reading only its own rows
     (torchtitan's way); a LoRA model is its full frozen base plus adapters, built here."""
-    if c.init_from == "scratch":
+    if c.init_from == "scratch" and not c.resume_from:
         cfg = ModelConfig(vocab_size=pad_vocab(meta["vocab_size"]), n_layer=c.n_layer, n_head=c.n_head,
                           n_kv_head=c.n_kv_head, n_embd=c.n_embd, max_position_embeddings=c.max_length)
         with torch.device("meta"):
             model = Transformer(cfg)
         return model, lambda m, device, dist: empty(m, device).init_weights(c.seed)
-    path = latest_checkpoint(c.out_dir) if c.init_from == "resume" else c.init_from
-    if path is None:
-        raise UserError(f"init_from=resume: no checkpoint in {c.out_dir}")
+    path = c.resume_from or c.init_from
     if not os.path.isdir(path):
         raise UserError(f"init_from={path}: no such folder")
     if not os.path.isfile(os.path.join(path, "config.json")) and latest_checkpoint(path):
         path = latest_checkpoint(path)   # another run's out_dir: start from its newest checkpoint
     info_file = os.path.join(path, "info.json")
-    if c.init_from != "resume" and not os.path.isfile(info_file):
+    if not c.resume_from and not os.path.isfile(info_file):
         hf_tok = os.path.abspath(path)
         if meta["tokenizer"] not in (hf_tok, os.path.join(hf_tok, "")):
             raise UserError(f"{c.data_dir} was prepared with tokenizer {meta['tokenizer']!r}, but {path} "
@@ -614,7 +627,7 @@ def build_model(c, meta):
                             "; the config has " + " ".join(f"--{k}={getattr(c, k)}" for k in keys))
     real = lambda m, device, dist: m.to(device)
     if "lora" in info:
-        if c.init_from == "resume":
+        if c.resume_from:
             return load_lora_checkpoint(path, info), real
         raise UserError(f"init_from={path} holds LoRA adapters, not a model: train it with --export_hf=True "
                         f"and start from its out_dir/hf")
@@ -673,9 +686,9 @@ def make_optimizer(model, c):
                              fused=c.device.startswith("cuda"))
 
 
-def get_lr(it, c):
-    """Linear warmup, then cosine decay to min_lr (nanoGPT)."""
-    decay_iters = c.lr_decay_iters or c.max_iters
+def get_lr(it, c, total):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (0: the run's total steps; nanoGPT)."""
+    decay_iters = c.lr_decay_iters or total
     if not c.decay_lr:
         return c.learning_rate
     if it < c.warmup_iters:
@@ -691,7 +704,8 @@ def get_lr(it, c):
 def save_checkpoint(c, raw, opt, step, rank, tok, info):
     """ckpt_NNNNNNN/: the model (or its adapters) and the optimizer as a sharded DCP state, each
     rank writing its own part; config.json, info.json, the tokenizer and train_state.pt (step,
-    RNG, settings) from rank 0. Written under a temporary name and renamed: whole or absent."""
+    CPU and CUDA RNG, the config as given) from rank 0. Written under a temporary name and
+    renamed: whole or absent."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
     dist = torch.distributed.is_initialized()
     final = os.path.join(c.out_dir, f"ckpt_{step:07d}")
@@ -713,16 +727,33 @@ def save_checkpoint(c, raw, opt, step, rank, tok, info):
         tok.save(os.path.join(tmp, "tokenizer"))
         with open(os.path.join(tmp, "info.json"), "w") as f:
             json.dump({**info, "step": step}, f, indent=2)
-        torch.save({"step": step, "rng": torch.get_rng_state(), "config": saved_config(c)},
+        cuda_rng = torch.cuda.get_rng_state(c.device) if c.device.startswith("cuda") else None
+        torch.save({"step": step, "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "config": c.config},
                    os.path.join(tmp, "train_state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
+        replace_dir(tmp, final)
         ckpts = sorted(d for d in os.listdir(c.out_dir) if re.fullmatch(r"ckpt_\d+", d))
         for old in ckpts[:-max(c.keep_last, 1)]:
             shutil.rmtree(os.path.join(c.out_dir, old))
-    if c.export_hf:
-        export(c, raw, rank, tok, info)
     barrier()
+
+
+def replace_dir(tmp, final):
+    """Rename the finished folder tmp to final. An older final is first moved aside to final.old
+    and removed after, so a kill at any moment leaves one whole copy (restore_aside)."""
+    aside = final + ".old"
+    if os.path.isdir(final):
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+    os.rename(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def restore_aside(out_dir):
+    """A kill inside replace_dir, between its two renames: put the older copy back."""
+    for d in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        final = os.path.join(out_dir, d[:-len(".old")])
+        if d.endswith(".old") and not os.path.exists(final):
+            os.rename(os.path.join(out_dir, d), final)
 
 
 def barrier():
@@ -733,41 +764,60 @@ def barrier():
 def export(c, raw, rank, tok, info):
     """out_dir/hf: a folder transformers loads (adapters merged in); LoRA runs without a MASK
     row also get out_dir/adapter, a peft adapter for the base model. Under FSDP2 the weights
-    (never the optimizer state) are gathered to rank 0's CPU memory."""
+    (never the optimizer state) are gathered to rank 0's CPU memory. Once, at the end of a run."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     msd = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank != 0:
-        return
-    hf = os.path.join(c.out_dir, "hf")
-    shutil.rmtree(hf, ignore_errors=True)
-    if raw.lora_config:
-        save_pretrained(raw, hf, bos_id=info["bos_id"], eos_id=info["eos_id"], state_dict=raw.merged_state(msd))
-        if raw.mask_embed is None:
+    if rank == 0:
+        hf = os.path.join(c.out_dir, "hf")
+        state = raw.merged_state(msd) if raw.lora_config else msd
+        save_pretrained(raw, hf + ".tmp", bos_id=info["bos_id"], eos_id=info["eos_id"], state_dict=state)
+        tok.save(hf + ".tmp")
+        replace_dir(hf + ".tmp", hf)
+        if raw.lora_config and raw.mask_embed is None:
             adapter = os.path.join(c.out_dir, "adapter")
-            shutil.rmtree(adapter, ignore_errors=True)
-            save_peft_adapter(raw, adapter, msd)
-    else:
-        save_pretrained(raw, hf, bos_id=info["bos_id"], eos_id=info["eos_id"], state_dict=msd)
-    tok.save(hf)
+            save_peft_adapter(raw, adapter + ".tmp", msd)
+            replace_dir(adapter + ".tmp", adapter)
+    barrier()
 
 
-RUNTIME = ("step", "grad_accum", "eos_id", "mask_id")   # set on the config while running, not settings
-
-
-def saved_config(c):
-    """The resolved settings, as printed at start: what a checkpoint and wandb record."""
-    return {k: v for k, v in vars(c).items() if k not in RUNTIME}
-
-
-def load_optimizer(raw, opt, path):
-    """The optimizer state of checkpoint `path` (resharded to this world size), RNG and step."""
+def load_train_state(raw, opt, c):
+    """Continue checkpoint c.resume_from: the optimizer state (resharded to this world size) with
+    this config's weight decay and betas, the RNG; returns its step."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     osd = get_optimizer_state_dict(raw, opt)
-    load_checkpoint_state(path, osd, "optimizer", distributed=torch.distributed.is_initialized())
+    load_checkpoint_state(c.resume_from, osd, "optimizer", distributed=torch.distributed.is_initialized())
     set_optimizer_state_dict(raw, opt, osd)
-    st = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
+    for g, wd in zip(opt.param_groups, (c.weight_decay, 0.0)):   # the checkpoint brings its own
+        g.update(weight_decay=wd, betas=(c.beta1, c.beta2))
+    st = torch.load(os.path.join(c.resume_from, "train_state.pt"), map_location="cpu", weights_only=True)
     torch.set_rng_state(st["rng"])
+    if st.get("cuda_rng") is not None and c.device.startswith("cuda"):   # LoRA dropout on the GPU
+        torch.cuda.set_rng_state(st["cuda_rng"], c.device)
     return st["step"]
+
+
+# settings a resumed run may change: how long it runs, what it reports, where and how fast it
+# runs, and the optimizer's (what AdamW applies from then on). Any other change would continue a
+# checkpoint under another objective, model, adapters, data or batch geometry: refused.
+MAY_CHANGE = {"init_from", "resume", "out_dir", "max_iters", "epochs", "eval_interval", "eval_iters", "eval_only",
+              "log_interval", "save_interval", "keep_last", "export_hf", "wandb_log", "wandb_project",
+              "wandb_run_name", "device", "compile", "gradient_checkpointing", "parallel", "learning_rate",
+              "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "weight_decay", "beta1", "beta2", "grad_clip"}
+
+
+def check_resume(c, path):
+    """The config as given against the one stored in checkpoint `path`: a change outside
+    MAY_CHANGE is one error naming each key with its old and new value; returns the allowed
+    changes as text ('' when none)."""
+    old = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)["config"]
+    same = lambda k, a, b: (os.path.realpath(a) == os.path.realpath(b)) if k == "data_dir" else a == b
+    changed = {k: (old[k], v) for k, v in sorted(c.config.items()) if k in old and not same(k, old[k], v)}
+    text = lambda keys: ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in keys)
+    refused = [k for k in changed if k not in MAY_CHANGE]
+    if refused:
+        raise UserError(f"{path} was trained with other settings: {text(refused)}; resume with the stored values, "
+                        f"or train into another out_dir")
+    return text([k for k in changed if k not in ("init_from", "resume")])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -792,71 +842,89 @@ class Backward:
 
 
 def global_counts(batches, c):
+    """What each batch supervises (the mode's counts), summed over batches and ranks."""
     counts = {}
     for b in batches:
         for k, v in MODES[c.mode]["counts"](b, c).items():
             counts[k] = counts.get(k, 0) + v
     keys = sorted(counts)
-    return {k: max(v, 1.0) for k, v in zip(keys, all_reduce([counts[k] for k in keys], c.device))}
+    return dict(zip(keys, all_reduce([counts[k] for k in keys], c.device)))
 
 
 def to_device(b, device):
     return {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
 
-def train_step(model, batches, c, world, step, autocast):
+def train_step(model, batches, c, world, step, autocast, progress):
     """One optimizer step's forward/backward over this rank's micro-batches. Losses are sums
     divided by the global count of supervised tokens, times the world size (DDP and FSDP
-    average gradients), so accumulation and data parallelism never reweight examples."""
+    average gradients), so accumulation and data parallelism never reweight examples.
+    progress: the fraction of training done (refine's noise schedule)."""
     counts = global_counts([b for _, b in batches], c)
-    norm = {k: v / world for k, v in counts.items()}
+    norm = {k: max(v, 1.0) / world for k, v in counts.items()}
     metrics = {"supervised": counts["tgt"] + counts.get("slot", 0.0)}   # already global
     ddp = world > 1 and c.parallel == "ddp"
     for j, (m, b) in enumerate(batches):
         gen = torch.Generator().manual_seed(c.seed * 1_000_003 + step * 4099 + m)
-        c.step = step   # for schedules over training (refine's noise ratio)
         last = j == len(batches) - 1
         with autocast, (model.no_sync() if ddp and not last else nullcontext()):
             backward = Backward(lambda loss, final: loss.backward(), model.no_sync if ddp and last else None)
-            out = MODES[c.mode]["loss"](model, to_device(b, c.device), c, gen, norm, backward)
+            out = MODES[c.mode]["loss"](model, to_device(b, c.device), c, gen, norm, backward, progress)
         for k, v in out.items():
             metrics[k] = metrics.get(k, 0.0) + v / world
     return metrics
 
 
+def validation_batches(val, c):
+    """The validation micro-batches: the first eval_iters (0: all) of val packed in one fixed
+    order, the same set whatever the number of ranks."""
+    rows = pack_rows(val.lengths, c.max_length, c.pack, np.random.default_rng(PAD_SEED))
+    micro = [rows[i:i + c.batch_size] for i in range(0, len(rows), c.batch_size)]
+    return micro[:c.eval_iters] if c.eval_iters > 0 else micro
+
+
 @torch.no_grad()
 def evaluate(model, val, c, world, rank, autocast):
-    """Validation loss, the mean over the first eval_iters * world micro-batches of val (fixed
-    noise). Every rank runs the same number of forwards (FSDP all-gathers in each one): a rank
-    past the last micro-batch runs one again with weight 0."""
+    """Validation metrics, a function of the weights and the data only: a fixed set of micro-
+    batches (rank r runs r, r + world, ...), fixed noise (refine at its full range), each metric
+    a token-weighted mean (divided by its count over the whole set); acc_slotK only where slot k
+    has targets. Every rank runs the same number of forwards (FSDP all-gathers in each one): a
+    rank past the last micro-batch runs one again with weight 0."""
     model.eval()
-    rows = pack_rows(val.lengths, c.max_length, c.pack, np.random.default_rng(PAD_SEED))
-    micro = [rows[i:i + c.batch_size] for i in range(0, len(rows), c.batch_size)][:c.eval_iters * world]
+    micro = validation_batches(val, c)
+    mine = range(rank, -(-len(micro) // world) * world, world)
+    counts = global_counts([val.build(micro[m]) for m in mine if m < len(micro)], c)
+    norm = {k: max(v, 1.0) for k, v in counts.items()}
     total = {}
-    for m in range(rank, -(-len(micro) // world) * world, world):
+    for m in mine:
         b = val.build(micro[m % len(micro)])
-        norm = {k: float(max(v, 1)) for k, v in MODES[c.mode]["counts"](b, c).items()}
         with autocast:
             b, gen = to_device(b, c.device), torch.Generator().manual_seed(PAD_SEED + m)
             out = MODES[c.mode]["loss"](model, b, c, gen, norm, Backward())
-            out.update(MODES[c.mode].get("probe", lambda *a: {})(model, b, c, gen))
+            if "probe" in MODES[c.mode]:
+                out.update(MODES[c.mode]["probe"](model, b, c, gen, norm))
         for k, v in out.items():
             total[k] = total.get(k, 0.0) + v * (m < len(micro))
     keys = sorted(total)
-    t = all_reduce([total[k] for k in keys], c.device)
     model.train()
-    return {k: v / len(micro) for k, v in zip(keys, t)}
+    return {k: v for k, v in zip(keys, all_reduce([total[k] for k in keys], c.device))
+            if not (k.startswith("acc_slot") and counts[f"slot{k[len('acc_slot'):]}"] == 0)}
 
 
 def environment():
+    """Versions for the log; read from the package metadata (importing transformers costs seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         sha = ""
-    import transformers
+    try:
+        hf = version("transformers")
+    except PackageNotFoundError:
+        hf = "absent"
     return {"git": sha or "unknown", "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__}
+            "transformers": hf, "numpy": np.__version__}
 
 
 def load_data(c):
@@ -865,8 +933,8 @@ def load_data(c):
     return Shards(c.data_dir, "train"), Shards(c.data_dir, "val")
 
 
-def resolve(c, world):
-    c.step = 0
+def check(c, world):
+    """Settings that cannot work, each one error naming the key."""
     if c.mode not in MODES:
         raise UserError(f"unknown mode {c.mode!r} (one of {', '.join(MODES)})")
     if c.parallel not in ("ddp", "fsdp"):
@@ -895,24 +963,53 @@ def resolve(c, world):
                         "generate.py loads the checkpoint's base + adapters directly")
     if c.resume not in ("auto", "never"):
         raise UserError(f"resume={c.resume!r}: expected auto or never")
-    ck = latest_checkpoint(c.out_dir)
-    if ck and c.init_from != "resume" and not c.eval_only:
-        if c.resume == "never":
-            raise UserError(f"out_dir={c.out_dir} holds another run's checkpoints ({os.path.basename(ck)}) and "
-                            f"resume=never: choose another out_dir, or resume=auto to continue that run")
-        print(f"resume=auto: continuing the run in {c.out_dir} from {os.path.basename(ck)}", flush=True)
-        c.init_from = "resume"
     if c.gradient_accumulation_steps % world:
         raise UserError(f"gradient_accumulation_steps={c.gradient_accumulation_steps} is not a multiple of the world size {world}")
-    c.grad_accum = c.gradient_accumulation_steps // world
+
+
+def resolve(c, world, meta=None, device=None):
+    """The run's settings, built once and never changed while it runs: the config as given
+    (checked; kept whole as .config, what checkpoints and wandb store) plus what follows from it:
+    grad_accum (per rank), eos_id and mask_id (from the data's meta), this rank's device, and
+    resume_from, the checkpoint the run continues (init_from=resume, or resume=auto on an
+    out_dir that holds one), else None."""
+    check(c, world)
+    ck = latest_checkpoint(c.out_dir)
+    if c.init_from == "resume" and ck is None:
+        raise UserError(f"init_from=resume: no checkpoint in {c.out_dir}")
+    if ck and c.init_from != "resume" and not c.eval_only and c.resume == "never":
+        raise UserError(f"out_dir={c.out_dir} holds another run's checkpoints ({os.path.basename(ck)}) and "
+                        f"resume=never: choose another out_dir, or resume=auto to continue that run")
+    resume_from = ck if c.init_from == "resume" or (ck and not c.eval_only) else None
+    meta = meta or {}
+    return SimpleNamespace(**{**vars(c), "config": dict(vars(c)), "grad_accum": c.gradient_accumulation_steps // world,
+                              "eos_id": meta.get("eos_id"), "mask_id": meta.get("mask_id"),
+                              "device": device or c.device, "resume_from": resume_from})
+
+
+def checkpoint_info(c, tok, meta):
+    """info.json: what generate.py needs to decode the checkpoint as it was trained."""
+    return {"mode": c.mode, "block_size": 0, "tokenizer": "tokenizer" if tok.hf else tok.spec,
+            "tokenizer_spec": meta["tokenizer"], "eos_id": meta["eos_id"], "bos_id": meta["bos_id"],
+            "eos_ids": sorted({meta["eos_id"]}), "mask_id": meta["mask_id"], "vocab_size": meta["vocab_size"],
+            "system_prompt": meta.get("system_prompt", ""), "prompt_key": meta["prompt_key"],
+            "response_key": meta["response_key"], **MODES[c.mode].get("info", lambda c: {})(c)}
 
 
 def train(c):
-    world, rank, _ = setup_distributed(c)
-    resolve(c, world)
+    world, rank, device = setup_distributed(c.device)
+    if rank == 0:
+        restore_aside(c.out_dir)
+    barrier()
     train_data, val_data = load_data(c)
     meta = train_data.meta
-    c.eos_id, c.mask_id = meta["eos_id"], meta["mask_id"]
+    c = resolve(c, world, meta, device)
+    if c.resume_from and not c.eval_only:
+        changes = check_resume(c, c.resume_from)
+        if rank == 0:
+            how = "resume=auto: continuing the run" if c.init_from != "resume" else "init_from=resume: continuing"
+            print(f"{how} in {c.out_dir} from {os.path.basename(c.resume_from)}" +
+                  (f" with {changes}" if changes else ""), flush=True)
     tok = Tokenizer(meta["tokenizer"] if meta["tokenizer"] in ("byte", "gpt2") else os.path.join(c.data_dir, "tokenizer"))
     torch.manual_seed(c.seed)
     raw, fill = build_model(c, meta)
@@ -922,23 +1019,24 @@ def train(c):
     model = wrap(raw, fill, c, world)
     del fill   # it holds the source's file mappings: release them before training
     opt = make_optimizer(model, c)
-    step = load_optimizer(raw, opt, latest_checkpoint(c.out_dir)) if c.init_from == "resume" else 0
+    step = load_train_state(raw, opt, c) if c.resume_from else 0
     train_b, val_b = Batches(train_data, c, world, rank), Batches(val_data, c, 1, 0)
-    if not c.max_iters:
-        c.max_iters = max(c.epochs, 1) * train_b.steps_per_epoch()
-    info = {"mode": c.mode, "block_size": 0, "tokenizer": "tokenizer" if tok.hf else tok.spec,
-            "tokenizer_spec": meta["tokenizer"], "eos_id": meta["eos_id"], "bos_id": meta["bos_id"],
-            "eos_ids": sorted({meta["eos_id"]}), "mask_id": meta["mask_id"], "vocab_size": meta["vocab_size"],
-            "system_prompt": meta.get("system_prompt", ""), "prompt_key": meta["prompt_key"],
-            "response_key": meta["response_key"], **MODES[c.mode].get("info", lambda c: {})(c)}
+    total = c.max_iters or max(c.epochs, 1) * train_b.steps_per_epoch
+    info = checkpoint_info(c, tok, meta)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if c.device.startswith("cuda") else nullcontext()
-    logger = Logger(c, rank, world, train_b, step)
+    if step >= total and not c.eval_only:
+        if rank == 0:
+            print(f"{c.out_dir} is at step {step} and max_iters={total}: nothing to train" +
+                  (" (exporting out_dir/hf)" if c.export_hf else ""), flush=True)
+        if c.export_hf:
+            export(c, raw, rank, tok, info)
+        return raw
+    logger = Logger(c, rank, total, step)
     if rank == 0:
         os.makedirs(c.out_dir, exist_ok=True)
         trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
         print(f"{raw.num_params():,} parameters ({trainable:,} trainable), {len(train_data):,} train / "
-              f"{len(val_data):,} val examples, "
-              f"{train_b.steps_per_epoch()} steps per epoch", flush=True)
+              f"{len(val_data):,} val examples, {train_b.steps_per_epoch} steps per epoch", flush=True)
     evaluating = bool(c.eval_interval and len(val_data))
     if c.eval_only:
         if not len(val_data):
@@ -948,69 +1046,93 @@ def train(c):
     if c.eval_interval and not len(val_data) and rank == 0:
         print(f"{c.data_dir}: the validation split is empty, so there is no evaluation", flush=True)
     model.train()
-    while step < c.max_iters:
-        lr = get_lr(step, c)
+    while step < total:
+        lr = get_lr(step, c, total)
         for g in opt.param_groups:
             g["lr"] = lr
         if evaluating and step % c.eval_interval == 0:
             logger.eval(step, evaluate(model, val_b, c, world, rank, autocast))
         t0 = time.time()
         batches = [(m, train_b.build(rows)) for m, rows in train_b.step(step)]
-        metrics = train_step(model, batches, c, world, step, autocast)
+        metrics = train_step(model, batches, c, world, step, autocast, step / total)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         logger.step(step, metrics, lr, float(gnorm), batches, time.time() - t0)
-        if step % c.save_interval == 0 or step == c.max_iters:
+        if step % c.save_interval == 0 or step == total:
             save_checkpoint(c, raw, opt, step, rank, tok, info)
+    if c.export_hf:
+        export(c, raw, rank, tok, info)
     if evaluating:
         logger.eval(step, evaluate(model, val_b, c, world, rank, autocast))
     logger.finish()
     return raw
 
 
-class Logger:
-    """Console line per log_interval, validation lines, wandb when asked (rank 0 only)."""
+def read_log(path, step):
+    """log.jsonl's lines up to `step` (a resumed run repeats the steps after its checkpoint: each
+    step is kept once). A torn last line, from a kill during its write, is dropped and said;
+    any other line that is not a record is an error naming it."""
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if not (isinstance(rec, dict) and isinstance(rec.get("step"), int)):
+            if n == len(lines) and not line.endswith("\n"):
+                print(f"{path}: line {n} was torn by a kill during its write; dropped", flush=True)
+                continue
+            raise UserError(f"{path}: line {n} is not a log record: {line[:80]!r}")
+        if rec["step"] <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    return keep
 
-    def __init__(self, c, rank, world, train_b, step):
-        self.c, self.rank, self.world, self.start, self.acc = c, rank, world, step, {}
+
+class Logger:
+    """Console line per log_interval, log.jsonl, validation lines, wandb when asked (rank 0 only)."""
+
+    def __init__(self, c, rank, total, step):
+        self.c, self.rank, self.total, self.start = c, rank, total, step
         self.t_start = time.time()
         log = os.path.join(c.out_dir, "log.jsonl")
         if rank == 0 and os.path.isfile(log) and not c.eval_only:
-            # a resumed run repeats the steps after its checkpoint: keep each step once
-            keep = [l for l in open(log) if json.loads(l)["step"] <= step]
+            keep = read_log(log, step)
             with open(log + ".tmp", "w") as f:
                 f.writelines(keep)
             os.replace(log + ".tmp", log)
         self.wandb = None
         if c.wandb_log and rank == 0:
             import wandb
-            self.wandb = wandb.init(project=c.wandb_project, name=c.wandb_run_name or None, config=saved_config(c),
+            self.wandb = wandb.init(project=c.wandb_project, name=c.wandb_run_name or None, config=c.config,
                                     dir=c.out_dir)
 
     def step(self, step, metrics, lr, gnorm, batches, dt):
         metrics = dict(metrics)
-        sup = metrics.pop("supervised")   # counted once, globally, before the forward
-        tokens = sum(int((b["doc"] >= 0).sum()) for _, b in batches)
-        slots = sum(b["doc"].numel() for _, b in batches)
-        t = all_reduce([float(tokens), float(slots)] + [metrics[k] for k in sorted(metrics)], self.c.device)
-        t.insert(2, sup)
-        m = dict(zip(sorted(metrics), t[3:]))
+        supervised = metrics.pop("supervised")   # counted once, globally, before the forward
+        tokens = sum(int((b["doc"] >= 0).sum()) for _, b in batches)      # real tokens ...
+        positions = sum(b["doc"].numel() for _, b in batches)             # ... of all row positions
+        keys = sorted(metrics)
+        tokens, positions, *values = all_reduce([float(tokens), float(positions)] + [metrics[k] for k in keys],
+                                                self.c.device)
+        m = dict(zip(keys, values))
         if self.rank != 0:
             return
-        rec = {**m, "lr": lr, "grad_norm": gnorm, "tokens_per_s": t[0] / dt,
-               "supervised": t[2], "padding": 1 - t[0] / t[1]}
+        rec = {**m, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tokens / dt, "supervised": supervised,
+               "padding": 1 - tokens / positions}
         with open(os.path.join(self.c.out_dir, "log.jsonl"), "a") as f:   # full precision, for scripts
             f.write(json.dumps({"step": step, **rec}) + "\n")
         if self.wandb:
             self.wandb.log(rec, step=step)
-        if step % self.c.log_interval == 0 or step == self.c.max_iters:
+        if step % self.c.log_interval == 0 or step == self.total:
             el = time.time() - self.t_start
-            eta = el / (step - self.start) * (self.c.max_iters - step)
+            eta = el / (step - self.start) * (self.total - step)
             extra = " ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "loss")
-            print(f"step {step}/{self.c.max_iters} | loss {m.get('loss', 0):.4f} | lr {lr:.2e} | grad {gnorm:.3f} | "
-                  f"{rec['tokens_per_s']:,.0f} tok/s | sup {int(t[2])} | pad {100 * rec['padding']:.1f}% | "
+            print(f"step {step}/{self.total} | loss {m.get('loss', 0):.4f} | lr {lr:.2e} | grad {gnorm:.3f} | "
+                  f"{rec['tokens_per_s']:,.0f} tok/s | sup {int(supervised)} | pad {100 * rec['padding']:.1f}% | "
                   f"ETA {eta:.0f}s" + (f" | {extra}" if extra else ""), flush=True)
 
     def eval(self, step, metrics):

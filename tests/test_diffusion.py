@@ -19,7 +19,7 @@ EOS, MASK = 256, 257
 
 def cfg(**kw):
     c = configure(defaults_from(vars(train)), [f"--{k}={v}" for k, v in kw.items()])
-    c.eos_id, c.mask_id, c.step = EOS, MASK, 0
+    c.eos_id, c.mask_id = EOS, MASK
     return c
 
 
@@ -354,9 +354,10 @@ def test_probe_scores_the_next_token_after_a_clean_prefix(B, shift):
     lays = [train.diffusion_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in shapes]
     b = train.collate([lays], 96, EOS)
     m, seen = tiny_model(2), {k: set() for k in range(3)}
+    norm = {k: float(v) for k, v in train.MODES["diffusion"]["counts"](b, c).items()}   # real: the weights' total
     for seed in range(12):
         rec = Probed(m)
-        acc = train.diffusion_probe(rec, b, c, torch.Generator().manual_seed(seed))["acc_next"]
+        acc = train.diffusion_probe(rec, b, c, torch.Generator().manual_seed(seed), norm)["acc_next"]
         sel = rec.select[0].nonzero()[:, 0].tolist()
         assert len(sel) == 3
         s0, want_num = 0, 0.0

@@ -129,7 +129,8 @@ def test_verify_is_ar_greedy_with_fewer_forwards(trained, tree):
     ar = decode_ar(model, prompts, cfg(), info)
     vf = decode_blockwise(model, prompts, cfg(verify=True, draft_tree=tree), info)
     assert [r[0] for r in vf] == [r[0] for r in ar]
-    assert sum(r[1] for r in vf) < 0.8 * sum(r[1] for r in ar)
+    # every forward commits at least one token, and some accepted draft saves one (no threshold on luck)
+    assert all(v[1] <= a[1] for v, a in zip(vf, ar)) and sum(r[1] for r in vf) < sum(r[1] for r in ar)
 
 
 @pytest.mark.parametrize("kw", [{"threshold": 0.5}, {"threshold": 0.7}, {"threshold": 0.9}, {"verify": True},

