@@ -261,7 +261,7 @@ def hf_generate_speed(n=256, reps=3):
     """stories260K greedy decoding, 256 tokens from "Once upon a time": our KV cache vs
     transformers' generate, same process, same threads; medians of interleaved repeats."""
     import transformers
-    from model import from_pretrained
+    from checkpoint import from_pretrained
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "stories260K")
     ids = transformers.AutoTokenizer.from_pretrained(path)("Once upon a time", return_tensors="pt").input_ids
     hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()

@@ -96,8 +96,33 @@ def print_config(cfg, file=sys.stdout):
         print(f"  {k} = {v!r}", file=file)
 
 
+def print_help(path, defaults, file=sys.stdout):
+    """--help: every key with its default and its comment, grouped as the script's source groups
+    them (its block of defaults, up to the first function or class)."""
+    print(f"usage: python {os.path.basename(path)} [config/file.py ...] [--key=value ...]", file=file)
+    with open(path) as f:
+        lines = f.read().split("\n")
+    titles, after_key = [], False
+    for line in lines:
+        if line.startswith(("def ", "class ", "@")):
+            break
+        key = line.split("=", 1)[0].strip()
+        if "=" in line and not line[:1].isspace() and key in defaults:
+            print("".join(t + "\n" for t in titles) + "  --" + line.replace(" = ", "=", 1), file=file)
+            titles, after_key = [], True
+        elif line.startswith("#"):   # a group's title: printed with the key it heads
+            titles, after_key = titles + [line], False
+        elif after_key and line.strip().startswith("#"):   # a comment's next line
+            print("    " + line, file=file)
+        else:
+            titles, after_key = [], False
+
+
 def cli(main):
-    """Run `main()`; a UserError becomes one line on stderr and exit status 1."""
+    """Run `main()`; a UserError becomes one line on stderr and exit status 1; -h / --help prints
+    the script's keys."""
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        return print_help(main.__globals__["__file__"], defaults_from(main.__globals__))
     try:
         main()
     except UserError as e:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from configurator import UserError, configure, cli, defaults_from, print_config
-from model import (KVCache, bidirectional_mask, block_causal_mask, interleaved_mask, load_checkpoint,
-                   latest_checkpoint, load_lora_checkpoint)
+from checkpoint import find_checkpoint, load_checkpoint, load_info, load_lora_checkpoint
+from model import KVCache, bidirectional_mask, block_causal_mask, interleaved_mask
 from prepare import Tokenizer, read_rows, row_texts
 
 init_from = "out/toy"      # a training out_dir, one checkpoint folder, or a Hugging Face model folder
@@ -58,42 +58,6 @@ eos_last = True            # confidence algs: EOS predictions are unmasked last 
 
 
 # ----------------------------------------------------------------------------- loading
-
-def find_checkpoint(path):
-    """A checkpoint folder (has info.json), the newest one in a training out_dir, or an HF folder."""
-    if not os.path.isdir(path):
-        raise UserError(f"init_from={path}: no such folder")
-    if os.path.isfile(os.path.join(path, "info.json")):
-        return path
-    if latest_checkpoint(path):
-        return latest_checkpoint(path)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    raise UserError(f"init_from={path}: no checkpoint (ckpt_*/ or info.json) and no config.json")
-
-
-def load_info(ckpt):
-    """What decoding needs to know about how a checkpoint was trained."""
-    f = os.path.join(ckpt, "info.json")
-    if os.path.isfile(f):
-        with open(f) as fh:
-            info = json.load(fh)
-        tok = info["tokenizer"]
-        info["tokenizer_path"] = os.path.join(ckpt, tok) if tok not in ("byte", "gpt2") else tok
-        return info
-    # a plain Hugging Face model: causal, its tokenizer beside it, EOS ids from generation_config
-    tok = Tokenizer(ckpt)
-    eos = {tok.eos_id}
-    gc = os.path.join(ckpt, "generation_config.json")
-    if os.path.isfile(gc):
-        with open(gc) as fh:
-            e = json.load(fh).get("eos_token_id")
-        eos |= set(e if isinstance(e, list) else [e] if e is not None else [])
-    return {"mode": "sft", "block_size": 0, "tokenizer": ckpt, "tokenizer_path": ckpt, "eos_id": tok.eos_id,
-            "eos_ids": sorted(eos), "mask_id": tok.mask_id, "vocab_size": tok.vocab_size,
-            "system_prompt": "", "prompt_key": "prompt", "response_key": "target",
-            "raw_prompt": tok.template is None}  # a base model continues the text as given
-
 
 def load(init_from, device="cpu", dtype=torch.float32):
     ckpt = find_checkpoint(init_from)

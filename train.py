@@ -10,8 +10,6 @@ import json
 import math
 import os
 import platform
-import re
-import shutil
 import subprocess
 import time
 from contextlib import nullcontext
@@ -21,11 +19,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from checkpoint import (barrier, check_resume, checkpoint_info, checkpoint_source, export, find_checkpoint, hf_source,
+                        latest_checkpoint, load_base, load_lora_checkpoint, load_train_state, materialize, read_info,
+                        restore_aside, save_checkpoint)
 from configurator import UserError, configure, cli, defaults_from, print_config
-from model import (KVCache, ModelConfig, Transformer, bidirectional_mask, block_diffusion_mask, causal_mask, checkpoint_source, dcp_call, empty,
-                   hf_config, hf_source, untied, interleaved_mask, latest_checkpoint, load_base, load_checkpoint_state,
-                   load_lora_checkpoint, materialize, pad_vocab, parse_lora_targets, pick_backend, save_peft_adapter,
-                   save_pretrained)
+from model import ModelConfig, Transformer, empty, pad_vocab, parse_lora_targets, pick_backend
+from objectives import MODES, padded_response, sft_length
 from prepare import Tokenizer
 
 # I/O
@@ -100,6 +99,8 @@ wandb_run_name = ""
 # system
 device = "cpu"
 compile = False
+compile_backend = "inductor"  # torch.compile backend; aot_eager captures the same graphs without generating
+                              # kernels (no speed-up, seconds instead of a minute on CPU: the tests use it)
 gradient_checkpointing = False
 parallel = "ddp"              # ddp | fsdp (under torchrun)
 seed = 1337
@@ -238,338 +239,6 @@ class Batches:
         return collate(layouts, T, c.eos_id)
 
 
-# ----------------------------------------------------------------------------- modes
-
-def sft_length(plen, length, c):
-    return length
-
-
-def sft_layout(tokens, plen, c):
-    """Next-token targets on the response only: position i predicts token i+1."""
-    tgt = np.full(len(tokens), -100, dtype=np.int64)
-    tgt[plen - 1:-1] = tokens[plen:]
-    return {"idx": tokens, "pos": np.arange(len(tokens)), "tgt": tgt}
-
-
-def sft_loss(model, b, c, gen, norm, backward, progress=1.0):
-    sel = b["tgt"] >= 0
-    ce, pred = model(b["idx"], b["pos"], causal_mask(b["doc"]), select=sel, targets=b["tgt"][sel])
-    backward(ce.sum() / norm["tgt"], final=True)
-    return {"loss": ce.sum().item() / norm["tgt"], "acc_next": (pred == b["tgt"][sel]).sum().item() / norm["tgt"]}
-
-
-def count_targets(b, c):
-    return {"tgt": int((b["tgt"] >= 0).sum())}
-
-
-def refine_layout(tokens, plen, c):
-    """sft's targets, plus where the response is: the only tokens noise may touch."""
-    lay = sft_layout(tokens, plen, c)
-    lay["resp"] = np.arange(len(tokens)) >= plen
-    return lay
-
-
-def noise_ratio(b, c, gen, progress):
-    """One ratio r per example (document), broadcast to its tokens. The schedule moves the upper
-    end of the range from noise_min to noise_max over training (uniform: always the full range);
-    progress is the fraction of training done, 1.0 for validation (the full range: validation
-    noise depends on nothing but the data)."""
-    progress = min(max(progress, 0.0), 1.0)
-    ramp = {"uniform": 1.0, "linear": progress, "cosine": 0.5 - 0.5 * math.cos(math.pi * progress)}[c.noise_schedule]
-    hi = c.noise_min + (c.noise_max - c.noise_min) * ramp
-    n_docs = int(b["doc"].max()) + 1
-    r = c.noise_min + (hi - c.noise_min) * torch.rand(b["doc"].shape[0], n_docs, generator=gen)
-    return r.to(b["doc"].device), r.to(b["doc"].device).gather(1, b["doc"].clamp(min=0))
-
-
-def refine_loss(model, b, c, gen, norm, backward, progress=1.0):
-    """Seed iterative_refine: s0 = response tokens replaced by EOS with probability r; for each
-    iteration k, CE of model(s_k) against the clean sequence, then s_{k+1} = the greedy next-token
-    predictions inside the response (no gradient through the argmax). The iterations share no
-    graph, so each loss is backpropagated at once: same gradient, one iteration's activations."""
-    sel, resp, mask = b["tgt"] >= 0, b["resp"], causal_mask(b["doc"])
-    r_doc, r_tok = noise_ratio(b, c, gen, progress)
-    noise = resp & (torch.rand(resp.shape, generator=gen).to(resp.device) < r_tok)
-    s = torch.where(noise, torch.full_like(b["idx"], c.eos_id), b["idx"])
-    weights = c.loss_weights or [1.0] * c.num_iterations
-    n_docs = r_doc.shape[1]   # which documents each row holds (padding goes to an extra column)
-    present = torch.zeros(r_doc.shape[0], n_docs + 1, dtype=torch.bool, device=r_doc.device)
-    present.scatter_(1, torch.where(b["doc"] >= 0, b["doc"], n_docs), True)
-    out = {"noise_mean": r_doc[present[:, :n_docs]].sum().item() / norm["docs"]}
-    total = 0.0
-    for k in range(c.num_iterations):
-        out[f"draft_acc_s{k}"] = (s[resp] == b["idx"][resp]).sum().item() / norm["tgt"]
-        last = k == c.num_iterations - 1 and not c.ar_loss_weight
-        with backward.hold(not last):
-            ce, pred = model(s, b["pos"], mask, select=sel, targets=b["tgt"][sel])
-        loss = ce.sum()
-        backward(weights[k] * loss / norm["tgt"], final=last)
-        out[f"loss_s{k}"] = loss.item() / norm["tgt"]
-        total += weights[k] * out[f"loss_s{k}"]
-        with torch.no_grad():   # position i-1 predicts token i: the predictions fill the response
-            s = s.clone()
-            s[resp] = pred
-    if c.ar_loss_weight:
-        loss = model(b["idx"], b["pos"], mask, select=sel, targets=b["tgt"][sel])[0].sum()
-        backward(c.ar_loss_weight * loss / norm["tgt"], final=True)
-        out["loss_ar"] = loss.item() / norm["tgt"]
-        total += c.ar_loss_weight * out["loss_ar"]
-    out["loss"] = total
-    return out
-
-
-def count_refine(b, c):
-    return {"tgt": int((b["tgt"] >= 0).sum()), "docs": int(sum(len(set(r.tolist()) - {-1}) for r in b["doc"]))}
-
-
-def padded_response(plen, length, c):
-    """Response tokens after EOS padding: to gen_length (the canvas), and for block diffusion
-    on to a whole number of blocks. The pads are supervised: the model learns to end."""
-    R = max(length - plen, c.gen_length)
-    return -(-R // c.block_size) * c.block_size if c.block_size else R
-
-
-def diffusion_length(plen, length, c):
-    R = padded_response(plen, length, c)
-    return plen + (2 * R if c.block_size else R)   # block diffusion: a clean and a noised copy
-
-
-def diffusion_layout(tokens, plen, c):
-    """Full canvas: prompt + response EOS-padded; the loss masks response tokens. Block diffusion
-    (BD3-LM): prompt + clean response + a noised copy of the response (same positions) whose
-    blocks attend to themselves and to the clean tokens before them (block_diffusion_mask).
-    resp: the tokens noise may touch; real: response tokens that are not padding (the EOS that
-    ends the response is real); blk: the block of each response token (-1: prompt);
-    back: where each token is predicted from, relative to itself (shift: the position before;
-    the first token of a noised block from the clean token before the block, as decoding does);
-    ar: with causal_clean, the next-token targets of the clean stream (for ar_loss_weight)."""
-    R = padded_response(plen, len(tokens), c)
-    resp_idx = np.concatenate([tokens[plen:], np.full(plen + R - len(tokens), c.eos_id)])
-    r = np.arange(R)
-    blk = r // c.block_size if c.block_size else np.zeros(R, np.int64)
-    back = np.full(R, -1 if c.shift else 0)
-    parts = [(tokens[:plen], np.arange(plen), np.full(plen, -1), False, np.zeros(plen, np.int64))]
-    if c.block_size:
-        first = c.shift & (r % c.block_size == 0)   # noised copy sits R after the clean one
-        parts.append((resp_idx, plen + r, blk, False, np.zeros(R, np.int64)))
-        back = np.where(first, -R - 1, back)
-    parts.append((resp_idx, plen + r, blk, True, back))
-    idx, pos, blk, resp, back = (np.concatenate(x) for x in zip(*[(a, p, k, np.full(len(a), n), bk)
-                                                                  for a, p, k, n, bk in parts]))
-    real = np.concatenate([np.zeros(plen, bool)] + [r < len(tokens) - plen] * (len(parts) - 1))
-    ar = np.full(len(idx), -100)   # causal clean stream: position j predicts clean token j+1 (real ones)
-    if c.causal_clean:
-        ar[plen - 1:len(tokens) - 1] = tokens[plen:]
-    return {"idx": idx, "pos": pos, "tgt": np.where(resp, idx, -100), "resp": resp, "blk": blk, "back": back,
-            "real": real, "ar": ar}
-
-
-def cart_weights(masked, doc, p):
-    """Dream's context-adaptive reweighting: a masked token's weight is the sum over the unmasked
-    tokens j of its document of a geometric kernel in the distance, p (1-p)^(|i-j|-1) / 2."""
-    T = masked.shape[1]
-    d = (torch.arange(T, device=masked.device)[None, :] - torch.arange(T, device=masked.device)[:, None]).abs()
-    kernel = torch.where(d > 0, 0.5 * p * (1 - p) ** (d - 1).clamp(min=0).float(), torch.zeros((), device=d.device))
-    same = doc[:, :, None] == doc[:, None, :]                                   # (B, T, T)
-    return ((same & ~masked[:, None, :]).float() * kernel).sum(-1)
-
-
-def diffusion_mask(b, c):
-    return (block_diffusion_mask(b["doc"], b["resp"], b["blk"], c.causal_clean) if c.block_size
-            else bidirectional_mask(b["doc"]))
-
-
-def diffusion_term(model, b, c, masked, t_tok, mask, ar=False):
-    """(weighted CE summed over the masked response tokens for one noising of the batch, their
-    plain CE, and with ar the CE of the clean stream's next tokens from the same forward). Each
-    masked token is predicted at its position + back (one position predicts one token at most:
-    with shift, the clean token before a block predicts the block's first token for both losses)."""
-    noisy = torch.where(masked, torch.full_like(b["idx"], c.mask_id), b["idx"])
-    weight = {"original": lambda: 1 / t_tok, "linear": lambda: 1 - t_tok,
-              "cart": lambda: cart_weights(masked, b["doc"], c.cart_p)}[c.time_weighting]()
-    r, i = masked.nonzero(as_tuple=True)
-    src = i + b["back"][r, i]
-    tgt_at = torch.full_like(b["idx"], -100).index_put((r, src), b["idx"][r, i])
-    w_at = torch.zeros_like(weight).index_put((r, src), weight[r, i])
-    ar_at = b["ar"] if ar else torch.full_like(tgt_at, -100)
-    sel = (tgt_at >= 0) | (ar_at >= 0)
-    ce, _ = model(noisy, b["pos"], mask, select=sel, targets=torch.where(tgt_at >= 0, tgt_at, ar_at)[sel])
-    return (ce * w_at[sel]).sum(), (ce * (tgt_at[sel] >= 0)).sum(), (ce * (ar_at[sel] >= 0)).sum()
-
-
-def diffusion_loss(model, b, c, gen, norm, backward, progress=1.0):
-    """LLaDA SFT: t ~ U(eps, 1) per example, each response token masked with probability t, CE on
-    the masked tokens weighted by time_weighting, divided by the number of response tokens; plus
-    ar_loss_weight * the clean stream's next-token loss (block diffusion with causal_clean)."""
-    resp = b["resp"]
-    n_docs = int(b["doc"].max()) + 1
-    t_doc = (1 - c.eps) * torch.rand(b["doc"].shape[0], n_docs, generator=gen) + c.eps
-    t_tok = t_doc.to(resp.device).gather(1, b["doc"].clamp(min=0))
-    masked = resp & (torch.rand(resp.shape, generator=gen).to(resp.device) < t_tok)
-    mask, ar = diffusion_mask(b, c), bool(c.ar_loss_weight)
-    with backward.hold(c.complementary_mask):
-        loss, ce, ar_ce = diffusion_term(model, b, c, masked, t_tok, mask, ar)
-    out = {"masked_ce": ce.item() / norm["tgt"]}
-    ar_loss = c.ar_loss_weight * ar_ce / norm["ar"] if ar else 0.0
-    if ar:
-        out["loss_ar"] = ar_ce.item() / norm["ar"]
-    if c.complementary_mask:   # the same example with exactly the other response tokens masked
-        backward(0.5 * loss / norm["tgt"] + ar_loss, final=False)
-        loss2, _, _ = diffusion_term(model, b, c, resp & ~masked, 1 - t_tok + c.eps, mask)
-        backward(0.5 * loss2 / norm["tgt"], final=True)
-        out["loss"] = 0.5 * (loss.item() + loss2.item()) / norm["tgt"]
-    else:
-        backward(loss / norm["tgt"] + ar_loss, final=True)
-        out["loss"] = loss.item() / norm["tgt"]
-    out["loss"] += c.ar_loss_weight * out.get("loss_ar", 0.0)
-    return out
-
-
-@torch.no_grad()
-def diffusion_probe(model, b, c, gen, norm):
-    """Teacher-forced left-to-right accuracy (validation only): each example is cut at a random
-    real response token k, the tokens before it clean, k and after MASK (later blocks too), and
-    the prediction of token k is scored. Weighted by the example's real response length, the
-    mean estimates the per-token accuracy sft's acc_next measures exactly: next to it, it tells an
-    undertrained model from a decoding-order problem. Each example's weight sums to its real
-    response length, so dividing by norm["real"] (their total) weights batches by tokens."""
-    resp, doc, dev = b["resp"], b["doc"], b["idx"].device
-    key = doc + 1   # padding (-1) gets its own slot
-    n = torch.zeros(doc.shape[0], int(doc.max()) + 2, dtype=torch.long, device=dev)
-    start = n.clone().fill_(1 << 30).scatter_reduce(1, key, torch.where(resp, b["pos"], 1 << 30), "amin")
-    n_real = n.scatter_add(1, key, (resp & b["real"]).long())
-    cut = (torch.rand(n.shape, generator=gen).to(dev) * n_real).long().gather(1, key)
-    rel = b["pos"] - start.gather(1, key)
-    masked = resp & (rel >= cut)
-    r, i = (resp & b["real"] & (rel == cut)).nonzero(as_tuple=True)
-    sel = torch.zeros_like(resp).index_put((r, i + b["back"][r, i]), torch.ones_like(r, dtype=torch.bool))
-    tgt = torch.full_like(b["idx"], -100).index_put((r, i + b["back"][r, i]), b["idx"][r, i])[sel]
-    _, pred = model(torch.where(masked, c.mask_id, b["idx"]), b["pos"], diffusion_mask(b, c), select=sel, targets=tgt)
-    weight = n_real.gather(1, key)[sel].float()
-    return {"acc_next": ((pred == tgt).float() * weight).sum().item() / norm["real"]}
-
-
-def count_diffusion(b, c):
-    return {"tgt": int(b["resp"].sum()), "ar": int((b["ar"] >= 0).sum()), "real": int((b["resp"] & b["real"]).sum())}
-
-
-def block_groups(R, B):
-    """(s, n) per block of a response of R tokens: block start s, and its n <= B-1 slots
-    (slot j predicts token s+j+1; slots past the last token are left out)."""
-    return [(s, min(B - 1, R - 1 - s)) for s in range(0, R, B) if R - 1 - s > 0]
-
-
-def interleaved_length(plen, length, c):
-    return length + sum(n for _, n in block_groups(length - plen, c.block_size))
-
-
-def interleaved_layout(tokens, plen, c):
-    """Clean tokens first (an ordinary causal example), then every block's slot group. Two halves
-    rather than the seed's interleaving: the clean stream stays one causal run, which is the
-    sparser block mask; the semantics are the same (interleaved_mask)."""
-    clean = sft_layout(tokens, plen, c)
-    clean.update(slot=np.zeros(len(tokens), bool), sj=np.zeros(len(tokens), np.int64))
-    groups = block_groups(len(tokens) - plen, c.block_size)
-    j = np.concatenate([np.arange(n) for _, n in groups]) if groups else np.zeros(0, np.int64)
-    s = np.concatenate([np.full(n, plen + s0) for s0, n in groups]) if groups else np.zeros(0, np.int64)
-    slots = {"idx": np.full(len(j), c.mask_id), "pos": s + j, "tgt": tokens[s + j + 1],
-             "slot": np.ones(len(j), bool), "sj": j}
-    return {k: np.concatenate([clean[k], slots[k]]) for k in clean}
-
-
-def split_rows(b, keep, pad_id):
-    """The tokens where keep (B, T) is True, moved to the front of each row in their order:
-    (fields (B, n_max), valid (B, n_max), n (B,)); the tail is padding of its own document."""
-    n = keep.sum(1)
-    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :int(n.max())]
-    valid = torch.arange(order.shape[1], device=n.device)[None] < n[:, None]
-    f = {k: b[k].gather(1, order) for k in ("idx", "pos", "doc", "sj", "tgt")}
-    f["idx"] = torch.where(valid, f["idx"], pad_id)
-    f["doc"] = torch.where(valid, f["doc"], -2)
-    f["pos"], f["sj"] = torch.where(valid, f["pos"], 0), torch.where(valid, f["sj"], 0)
-    f["tgt"] = torch.where(valid, f["tgt"], -100)
-    return f, valid, n
-
-
-def gated_slot_forward(model, b, c, loss=False):
-    """Gated LoRA: clean tokens compute the frozen base model and see no slot, so the clean
-    stream runs once without a graph into a KV cache, and only the slots run with grad, attending
-    to it (the decoding rule, used for training). Returns slot logits (with loss: per-token CE and
-    argmax), targets and slot indices."""
-    real = b["doc"] >= 0
-    cl, _, nc = split_rows(b, real & ~b["slot"], c.eos_id)
-    sl, svalid, _ = split_rows(b, real & b["slot"], c.eos_id)
-    B, Lc, Ts, dev = cl["idx"].shape[0], cl["idx"].shape[1], sl["idx"].shape[1], b["idx"].device
-    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else torch.float32
-    cache = KVCache(getattr(model, "module", model).config, B, Lc + Ts, dev, dtype)
-    sel = svalid & (sl["tgt"] >= 0)
-    with torch.no_grad():
-        model(cl["idx"], cl["pos"], causal_mask(cl["doc"]), cache=cache, select=torch.zeros_like(cl["doc"], dtype=torch.bool))
-    cache.commit(nc)
-
-    def physical(clean, slots):   # (B, Lc + Ts): row r holds its nc[r] clean tokens, then its slots
-        out = torch.cat([clean, torch.zeros_like(slots)], 1)
-        return out.scatter(1, nc[:, None] + torch.arange(Ts, device=dev), slots)
-    mask = interleaved_mask(physical(cl["doc"], sl["doc"]), physical(cl["pos"], sl["pos"]),
-                            physical(torch.zeros_like(real[:, :Lc]), torch.ones_like(svalid)),
-                            physical(cl["sj"], sl["sj"]))
-    prev = None
-    if c.sampler_head:   # the token at s+j: the clean token at the slot's position in its document
-        first = torch.full((B, int(cl["doc"].max()) + 3), Lc, device=dev).scatter_reduce(
-            1, cl["doc"] + 2, torch.arange(Lc, device=dev).expand(B, Lc), "amin")
-        prev = cl["idx"].gather(1, (first.gather(1, sl["doc"] + 2) + sl["pos"]).clamp(max=Lc - 1))[sel]
-    tgt = sl["tgt"][sel]
-    out = model(sl["idx"], sl["pos"], mask, cache=cache, select=sel, prev=prev, targets=tgt if loss else None)
-    return out, tgt, sl["sj"][sel]
-
-
-def interleaved_loss(model, b, c, gen, norm, backward, progress=1.0):
-    """AR loss on the clean stream + mask_loss_weight * loss on the slots, each divided by its
-    own global count; per-slot-index loss and accuracy for the logs. Gated LoRA: the clean stream
-    is the frozen base model and its loss a constant: only the slots are trained (and run with grad)."""
-    out = {}
-    if c.gated_lora:
-        (ce, pred), tgt, j = gated_slot_forward(model, b, c, loss=True)
-        is_slot = torch.ones_like(tgt, dtype=torch.bool)
-    else:
-        sel = b["tgt"] >= 0
-        tgt, is_slot, j = b["tgt"][sel], b["slot"][sel], b["sj"][sel]
-        ce, pred = model(b["idx"], b["pos"], interleaved_mask(b["doc"], b["pos"], b["slot"], b["sj"]), select=sel,
-                         targets=tgt)
-    ar, sl = ce[~is_slot].sum(), ce[is_slot].sum()
-    backward(ar / norm["tgt"] + c.mask_loss_weight * sl / norm["slot"], final=True)
-    out["loss_slot"] = sl.item() / norm["slot"]
-    hit = pred == tgt
-    if not c.gated_lora:
-        out["loss_ar"] = ar.item() / norm["tgt"]
-        out["acc_next"] = hit[~is_slot].sum().item() / norm["tgt"]
-    out["loss"] = out.get("loss_ar", 0.0) + c.mask_loss_weight * out["loss_slot"]
-    for k in range(c.block_size - 1):
-        m = is_slot & (j == k)
-        out[f"acc_slot{k}"] = hit[m].sum().item() / norm[f"slot{k}"]
-    return out
-
-
-def count_interleaved(b, c):
-    sup = b["tgt"] >= 0
-    counts = {"tgt": int((sup & ~b["slot"]).sum()), "slot": int((sup & b["slot"]).sum())}
-    for k in range(c.block_size - 1):   # the same keys on every rank: they are all-reduced
-        counts[f"slot{k}"] = int((sup & b["slot"] & (b["sj"] == k)).sum())
-    return counts
-
-
-MODES = {
-    "sft": {"length": sft_length, "layout": sft_layout, "loss": sft_loss, "counts": count_targets},
-    "refine": {"length": sft_length, "layout": refine_layout, "loss": refine_loss, "counts": count_refine},
-    "diffusion": {"length": diffusion_length, "layout": diffusion_layout, "loss": diffusion_loss,
-                  "counts": count_diffusion, "probe": diffusion_probe,
-                  "info": lambda c: {"gen_length": c.gen_length, "shift": c.shift, "block_size": c.block_size,
-                                     "causal_clean": c.causal_clean}},
-    "interleaved": {"length": interleaved_length, "layout": interleaved_layout, "loss": interleaved_loss,
-                    "counts": count_interleaved, "info": lambda c: {"block_size": c.block_size}},
-}
-
-
 # ----------------------------------------------------------------------------- setup
 
 def setup_distributed(device):
@@ -603,18 +272,13 @@ def build_model(c, meta):
         with torch.device("meta"):
             model = Transformer(cfg)
         return model, lambda m, device, dist: empty(m, device).init_weights(c.seed)
-    path = c.resume_from or c.init_from
-    if not os.path.isdir(path):
-        raise UserError(f"init_from={path}: no such folder")
-    if not os.path.isfile(os.path.join(path, "config.json")) and latest_checkpoint(path):
-        path = latest_checkpoint(path)   # another run's out_dir: start from its newest checkpoint
-    info_file = os.path.join(path, "info.json")
-    if not c.resume_from and not os.path.isfile(info_file):
+    path = c.resume_from or find_checkpoint(c.init_from)   # another run's out_dir: its newest checkpoint
+    info = read_info(path)
+    if not c.resume_from and not info:
         hf_tok = os.path.abspath(path)
         if meta["tokenizer"] not in (hf_tok, os.path.join(hf_tok, "")):
             raise UserError(f"{c.data_dir} was prepared with tokenizer {meta['tokenizer']!r}, but {path} "
                             f"uses its own; re-run prepare.py with --tokenizer={path}")
-    info = json.load(open(info_file)) if os.path.isfile(info_file) else {}
     if info and info["tokenizer_spec"] != meta["tokenizer"]:
         raise UserError(f"{c.data_dir} was prepared with tokenizer {meta['tokenizer']!r}, but {path} "
                         f"with {info['tokenizer_spec']!r}")
@@ -673,7 +337,7 @@ def wrap(model, fill, c, world):
     if world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[torch.device(c.device).index] if c.device.startswith("cuda") else None)
-    return torch.compile(model) if c.compile else model
+    return torch.compile(model, backend=c.compile_backend) if c.compile else model
 
 
 def make_optimizer(model, c):
@@ -697,127 +361,6 @@ def get_lr(it, c, total):
         return c.min_lr
     ratio = (it - c.warmup_iters) / max(decay_iters - c.warmup_iters, 1)
     return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(c, raw, opt, step, rank, tok, info):
-    """ckpt_NNNNNNN/: the model (or its adapters) and the optimizer as a sharded DCP state, each
-    rank writing its own part; config.json, info.json, the tokenizer and train_state.pt (step,
-    CPU and CUDA RNG, the config as given) from rank 0. Written under a temporary name and
-    renamed: whole or absent."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    dist = torch.distributed.is_initialized()
-    final = os.path.join(c.out_dir, f"ckpt_{step:07d}")
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    msd, osd = get_state_dict(raw, opt)   # sharded under FSDP2: nothing is gathered
-    msd = untied(msd, raw.config)
-    if raw.lora_config:   # the adapters, the MASK row, the sampler head; info.json names the base
-        keep = set(raw.lora_state())
-        msd = {k: v for k, v in msd.items() if k in keep}
-        info = {**info, "lora": raw.lora_config}
-    dcp_call("save", {"model": msd, "optimizer": osd}, checkpoint_id=os.path.join(tmp, "state"), no_dist=not dist)
-    if rank == 0:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config(raw.config, info["bos_id"], info["eos_id"]), f, indent=2)
-        tok.save(os.path.join(tmp, "tokenizer"))
-        with open(os.path.join(tmp, "info.json"), "w") as f:
-            json.dump({**info, "step": step}, f, indent=2)
-        cuda_rng = torch.cuda.get_rng_state(c.device) if c.device.startswith("cuda") else None
-        torch.save({"step": step, "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "config": c.config},
-                   os.path.join(tmp, "train_state.pt"))
-        replace_dir(tmp, final)
-        ckpts = sorted(d for d in os.listdir(c.out_dir) if re.fullmatch(r"ckpt_\d+", d))
-        for old in ckpts[:-max(c.keep_last, 1)]:
-            shutil.rmtree(os.path.join(c.out_dir, old))
-    barrier()
-
-
-def replace_dir(tmp, final):
-    """Rename the finished folder tmp to final. An older final is first moved aside to final.old
-    and removed after, so a kill at any moment leaves one whole copy (restore_aside)."""
-    aside = final + ".old"
-    if os.path.isdir(final):
-        shutil.rmtree(aside, ignore_errors=True)
-        os.rename(final, aside)
-    os.rename(tmp, final)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def restore_aside(out_dir):
-    """A kill inside replace_dir, between its two renames: put the older copy back."""
-    for d in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-        final = os.path.join(out_dir, d[:-len(".old")])
-        if d.endswith(".old") and not os.path.exists(final):
-            os.rename(os.path.join(out_dir, d), final)
-
-
-def barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def export(c, raw, rank, tok, info):
-    """out_dir/hf: a folder transformers loads (adapters merged in); LoRA runs without a MASK
-    row also get out_dir/adapter, a peft adapter for the base model. Under FSDP2 the weights
-    (never the optimizer state) are gathered to rank 0's CPU memory. Once, at the end of a run."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    msd = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        hf = os.path.join(c.out_dir, "hf")
-        state = raw.merged_state(msd) if raw.lora_config else msd
-        save_pretrained(raw, hf + ".tmp", bos_id=info["bos_id"], eos_id=info["eos_id"], state_dict=state)
-        tok.save(hf + ".tmp")
-        replace_dir(hf + ".tmp", hf)
-        if raw.lora_config and raw.mask_embed is None:
-            adapter = os.path.join(c.out_dir, "adapter")
-            save_peft_adapter(raw, adapter + ".tmp", msd)
-            replace_dir(adapter + ".tmp", adapter)
-    barrier()
-
-
-def load_train_state(raw, opt, c):
-    """Continue checkpoint c.resume_from: the optimizer state (resharded to this world size) with
-    this config's weight decay and betas, the RNG; returns its step."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    osd = get_optimizer_state_dict(raw, opt)
-    load_checkpoint_state(c.resume_from, osd, "optimizer", distributed=torch.distributed.is_initialized())
-    set_optimizer_state_dict(raw, opt, osd)
-    for g, wd in zip(opt.param_groups, (c.weight_decay, 0.0)):   # the checkpoint brings its own
-        g.update(weight_decay=wd, betas=(c.beta1, c.beta2))
-    st = torch.load(os.path.join(c.resume_from, "train_state.pt"), map_location="cpu", weights_only=True)
-    torch.set_rng_state(st["rng"])
-    if st.get("cuda_rng") is not None and c.device.startswith("cuda"):   # LoRA dropout on the GPU
-        torch.cuda.set_rng_state(st["cuda_rng"], c.device)
-    return st["step"]
-
-
-# settings a resumed run may change: how long it runs, what it reports, where and how fast it
-# runs, and the optimizer's (what AdamW applies from then on). Any other change would continue a
-# checkpoint under another objective, model, adapters, data or batch geometry: refused.
-MAY_CHANGE = {"init_from", "resume", "out_dir", "max_iters", "epochs", "eval_interval", "eval_iters", "eval_only",
-              "log_interval", "save_interval", "keep_last", "export_hf", "wandb_log", "wandb_project",
-              "wandb_run_name", "device", "compile", "gradient_checkpointing", "parallel", "learning_rate",
-              "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "weight_decay", "beta1", "beta2", "grad_clip"}
-
-
-def check_resume(c, path):
-    """The config as given against the one stored in checkpoint `path`: a change outside
-    MAY_CHANGE is one error naming each key with its old and new value; returns the allowed
-    changes as text ('' when none)."""
-    old = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)["config"]
-    same = lambda k, a, b: (os.path.realpath(a) == os.path.realpath(b)) if k == "data_dir" else a == b
-    changed = {k: (old[k], v) for k, v in sorted(c.config.items()) if k in old and not same(k, old[k], v)}
-    text = lambda keys: ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in keys)
-    refused = [k for k in changed if k not in MAY_CHANGE]
-    if refused:
-        raise UserError(f"{path} was trained with other settings: {text(refused)}; resume with the stored values, "
-                        f"or train into another out_dir")
-    return text([k for k in changed if k not in ("init_from", "resume")])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -987,15 +530,6 @@ def resolve(c, world, meta=None, device=None):
                               "device": device or c.device, "resume_from": resume_from})
 
 
-def checkpoint_info(c, tok, meta):
-    """info.json: what generate.py needs to decode the checkpoint as it was trained."""
-    return {"mode": c.mode, "block_size": 0, "tokenizer": "tokenizer" if tok.hf else tok.spec,
-            "tokenizer_spec": meta["tokenizer"], "eos_id": meta["eos_id"], "bos_id": meta["bos_id"],
-            "eos_ids": sorted({meta["eos_id"]}), "mask_id": meta["mask_id"], "vocab_size": meta["vocab_size"],
-            "system_prompt": meta.get("system_prompt", ""), "prompt_key": meta["prompt_key"],
-            "response_key": meta["response_key"], **MODES[c.mode].get("info", lambda c: {})(c)}
-
-
 def train(c):
     world, rank, device = setup_distributed(c.device)
     if rank == 0:
@@ -1022,7 +556,7 @@ def train(c):
     step = load_train_state(raw, opt, c) if c.resume_from else 0
     train_b, val_b = Batches(train_data, c, world, rank), Batches(val_data, c, 1, 0)
     total = c.max_iters or max(c.epochs, 1) * train_b.steps_per_epoch
-    info = checkpoint_info(c, tok, meta)
+    info = checkpoint_info(c.mode, MODES[c.mode].get("info", lambda c: {})(c), tok, meta)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if c.device.startswith("cuda") else nullcontext()
     if step >= total and not c.eval_only:
         if rank == 0:

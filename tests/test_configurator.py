@@ -41,3 +41,21 @@ def test_file_then_cli_and_wrong_type(tmp_path):
     assert (c.batch_size, c.learning_rate) == (5, 3e-4)
     with pytest.raises(UserError, match="should be int"):
         configure(DEFAULTS, ["--batch_size=2.5"])
+
+
+def test_help_prints_every_key_with_its_default_and_comment():
+    import io
+    import re
+    import generate
+    import prepare
+    import train
+    from conftest import run_script
+    from configurator import defaults_from, print_help
+    for mod in (train, generate, prepare):
+        out = io.StringIO()
+        print_help(mod.__file__, defaults_from(vars(mod)), file=out)
+        keys = re.findall(r"^  --(\w+)=", out.getvalue(), flags=re.M)
+        assert sorted(keys) == sorted(defaults_from(vars(mod))), mod.__name__   # each key once
+    p = run_script("train.py", "--help")
+    assert p.returncode == 0 and '--mode="sft"' in p.stdout and "sft | refine | interleaved | diffusion" in p.stdout
+    assert "# adapters" in p.stdout and "(0: one full canvas, LLaDA)" in p.stdout   # group titles, second comment lines

@@ -7,12 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import objectives
 import train
 from conftest import EAGER_FLEX, STORIES, Recorder
 from reference import reference_ar
 from configurator import configure, defaults_from
 from generate import choose, decode_blocks, decode_blocks_verified, decode_diffusion
-from model import ModelConfig, Transformer, from_pretrained, bidirectional_mask, block_causal_mask, block_diffusion_mask, dense_mask
+from checkpoint import from_pretrained
+from model import ModelConfig, Transformer, bidirectional_mask, block_causal_mask, block_diffusion_mask, dense_mask
 
 EOS, MASK = 256, 257
 
@@ -31,7 +33,7 @@ def tiny_model(seed=0):
 
 def batch(c):
     rng = np.random.default_rng(1)
-    rows = [[train.diffusion_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in ((5, 7), (3, 4))]]
+    rows = [[objectives.diffusion_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in ((5, 7), (3, 4))]]
     return train.collate(rows, 40, EOS)
 
 
@@ -44,7 +46,7 @@ def test_loss_by_hand(weighting, shift):
     m, seed = tiny_model(), 7
     rec = Recorder(m)
     n_resp = float(b["resp"].sum())
-    got = train.diffusion_loss(rec, b, c, torch.Generator().manual_seed(seed), {"tgt": n_resp},
+    got = objectives.diffusion_loss(rec, b, c, torch.Generator().manual_seed(seed), {"tgt": n_resp},
                                train.Backward())["loss"]
     # the same random draws, in the same order, then every term written out
     g = torch.Generator().manual_seed(seed)
@@ -79,7 +81,7 @@ def test_complementary_masks_cover_the_response_once():
     c = cfg(mode="diffusion", gen_length=10, complementary_mask=True, block_size=0)
     b = batch(c)
     rec = Recorder(tiny_model())
-    train.diffusion_loss(rec, b, c, torch.Generator().manual_seed(0), {"tgt": 20.0}, train.Backward())
+    objectives.diffusion_loss(rec, b, c, torch.Generator().manual_seed(0), {"tgt": 20.0}, train.Backward())
     a, z = (rec.inputs[0] == MASK), (rec.inputs[1] == MASK)
     assert not (a & z).any() and torch.equal(a | z, b["resp"])
 
@@ -231,7 +233,7 @@ def test_semi_ar_unmasks_only_the_current_block_of_the_whole_canvas(kw):
 def block_batch(shift, B=4, causal=False, **kw):
     c = cfg(mode="diffusion", block_size=B, shift=shift, gen_length=0, causal_clean=causal, **kw)
     rng = np.random.default_rng(2)
-    rows = [[train.diffusion_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in ((5, 7), (3, 9))]]
+    rows = [[objectives.diffusion_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in ((5, 7), (3, 9))]]
     return c, train.collate(rows, 64, EOS)
 
 
@@ -304,7 +306,7 @@ def test_block_diffusion_loss_by_hand(ar_weight):
     m, seed = tiny_model(), 3
     rec = Recorder(m)
     n, n_ar = float(b["resp"].sum()), float((b["ar"] >= 0).sum())
-    got = train.diffusion_loss(rec, b, c, torch.Generator().manual_seed(seed), {"tgt": n, "ar": n_ar},
+    got = objectives.diffusion_loss(rec, b, c, torch.Generator().manual_seed(seed), {"tgt": n, "ar": n_ar},
                                train.Backward())["loss"]
     g = torch.Generator().manual_seed(seed)
     t_doc = (1 - c.eps) * torch.rand(1, 2, generator=g) + c.eps
@@ -351,13 +353,13 @@ def test_probe_scores_the_next_token_after_a_clean_prefix(B, shift):
     c = cfg(mode="diffusion", block_size=B, shift=shift, gen_length=10)
     rng = np.random.default_rng(4)
     shapes = ((5, 7), (3, 4), (4, 13))                 # (prompt, real response): padded to 12, 12, 16
-    lays = [train.diffusion_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in shapes]
+    lays = [objectives.diffusion_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in shapes]
     b = train.collate([lays], 96, EOS)
     m, seen = tiny_model(2), {k: set() for k in range(3)}
     norm = {k: float(v) for k, v in train.MODES["diffusion"]["counts"](b, c).items()}   # real: the weights' total
     for seed in range(12):
         rec = Probed(m)
-        acc = train.diffusion_probe(rec, b, c, torch.Generator().manual_seed(seed), norm)["acc_next"]
+        acc = objectives.diffusion_probe(rec, b, c, torch.Generator().manual_seed(seed), norm)["acc_next"]
         sel = rec.select[0].nonzero()[:, 0].tolist()
         assert len(sel) == 3
         s0, want_num = 0, 0.0

@@ -7,6 +7,7 @@ import torch
 from conftest import EAGER_FLEX
 
 import prepare
+import objectives
 import train
 from configurator import configure, defaults_from
 from generate import decode_ar, decode_blockwise
@@ -19,7 +20,7 @@ MASK, EOS = 257, 256
 
 def layout(tokens, plen, B):
     c = SimpleNamespace(block_size=B, mask_id=MASK)
-    return train.interleaved_layout(np.array(tokens), plen, c)
+    return objectives.interleaved_layout(np.array(tokens), plen, c)
 
 
 def test_who_sees_whom_by_hand():
@@ -82,7 +83,7 @@ def test_training_logits_equal_generation_forward():
     assert (train_logits[:len(tokens)] - m(torch.tensor([tokens]))[0]).abs().max() < 1e-5
     # each slot = a generation-style forward over [context][MASK x (B-1)], no cache
     i = len(tokens)
-    for s, n in train.block_groups(len(tokens) - plen, B):
+    for s, n in objectives.block_groups(len(tokens) - plen, B):
         ctx = tokens[:plen + s]
         ids = torch.tensor([ctx + [MASK] * (B - 1)])
         pos = torch.tensor([list(range(len(ctx))) + [plen + s + j for j in range(B - 1)]])

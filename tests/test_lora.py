@@ -10,10 +10,12 @@ from conftest import STORIES, assert_clean_error, checkpoint_tensors, run_script
 from safetensors.torch import load_file
 
 import prepare
+import objectives
 import train
 from configurator import configure, defaults_from
 from generate import decode_ar, decode_blockwise, load
-from model import from_pretrained, interleaved_mask
+from checkpoint import from_pretrained
+from model import interleaved_mask
 from reference import reference_blockwise
 
 TINY = ["--eval_interval=0", "--log_interval=1000", "--warmup_iters=2"]
@@ -86,7 +88,7 @@ def test_gated_clean_stream_is_the_base_bit_for_bit(gated):
     shards = train.Shards(f"{d}/data", "val")
     c = configure(defaults_from(vars(train)), ["--mode=interleaved", "--block_size=4"])
     c.mask_id = 257
-    b = train.collate([[train.interleaved_layout(*shards.example(i), c) for i in range(3)]], 384, 256)
+    b = train.collate([[objectives.interleaved_layout(*shards.example(i), c) for i in range(3)]], 384, 256)
     mask = interleaved_mask(b["doc"], b["pos"], b["slot"], b["sj"])
     with torch.no_grad():
         got, want = model(b["idx"], b["pos"], mask)[0], base(b["idx"], b["pos"], mask)[0]
@@ -203,7 +205,7 @@ def test_lora_bad_input_fails_cleanly(stories_data, tmp_path):
 
 def test_moved_or_changed_base_is_named(tmp_path):
     import shutil
-    from model import dcp_call
+    from checkpoint import dcp_call
     prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={tmp_path}/data", "--toy_rows=100"]))
     small = [f"--data_dir={tmp_path}/data", "--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=2",
              "--batch_size=2", "--max_iters=1", "--save_interval=1"]
@@ -229,7 +231,7 @@ def test_gated_split_forward_equals_one_forward(tmp_path, sampler):
                                                f"--sampler_head={sampler}"])
     c.mask_id, c.eos_id = 257, 256
     shards = train.Shards(str(tmp_path), "train")
-    rows = [[train.interleaved_layout(*shards.example(i), c) for i in r] for r in ((0, 1, 2), (3,), (4, 5))]
+    rows = [[objectives.interleaved_layout(*shards.example(i), c) for i in r] for r in ((0, 1, 2), (3,), (4, 5))]
     b = train.collate(rows, max(sum(len(l["idx"]) for l in r) for r in rows) + 3, 256)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
@@ -240,7 +242,7 @@ def test_gated_split_forward_equals_one_forward(tmp_path, sampler):
             if ".lora_B." in k or "fc2" in k:
                 p.normal_(0, 0.05)
     lora = [p for p in model.parameters() if p.requires_grad]
-    logits, tgt, j = train.gated_slot_forward(model, b, c)
+    logits, tgt, j = objectives.gated_slot_forward(model, b, c)
     sel = (b["tgt"] >= 0) & b["slot"]
     clean = ~b["slot"] & (b["doc"] >= 0)
     twins = [int((clean[r] & (b["doc"][r] == b["doc"][r, t]) & (b["pos"][r] == b["pos"][r, t])).nonzero()[0, 0])

@@ -8,8 +8,8 @@ from conftest import EAGER_FLEX, STORIES, assert_clean_error, run_script
 import transformers
 from generate import decode_ar
 from reference import reference_ar
-from model import (KVCache, ModelConfig, Transformer, bidirectional_mask, causal_mask, dense_mask,
-                   from_pretrained, save_pretrained)
+from checkpoint import from_pretrained, save_pretrained
+from model import KVCache, ModelConfig, Transformer, bidirectional_mask, causal_mask, dense_mask
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from types import SimpleNamespace
 
@@ -213,6 +213,7 @@ def test_compiled_flex_on_cuda_matches_dense_bf16():
     """Forward and backward through compiled FlexAttention equal the dense-mask path in bf16,
     for packed causal rows and for the interleaved next-block mask."""
     import numpy as np
+    import objectives
     import train
     from model import interleaved_mask
     torch.manual_seed(0)
@@ -221,7 +222,7 @@ def test_compiled_flex_on_cuda_matches_dense_bf16():
     m = m.to(torch.bfloat16)
     c = SimpleNamespace(block_size=4, mask_id=257)
     rng = np.random.default_rng(0)
-    rows = [[train.interleaved_layout(rng.integers(0, 256, size=p + r), p, c) for p, r in ((20, 37), (9, 50), (30, 11))]
+    rows = [[objectives.interleaved_layout(rng.integers(0, 256, size=p + r), p, c) for p, r in ((20, 37), (9, 50), (30, 11))]
             for _ in range(2)]
     b = {k: v.cuda() for k, v in train.collate(rows, 256, 256).items()}
     for mm in (causal_mask(b["doc"]), interleaved_mask(b["doc"], b["pos"], b["slot"], b["sj"])):

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 import prepare
+import objectives
 import train
 from bench import SavedBytes
 from conftest import Recorder
 from configurator import configure, defaults_from
 from generate import decode_ar, decode_refine
 from reference import reference_refine
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, causal_mask
 
 EOS = 256
 
@@ -20,7 +21,7 @@ EOS = 256
 def batch(n_rows=2):
     rng = np.random.default_rng(0)
     c = SimpleNamespace(mask_id=257)
-    rows = [[train.refine_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in ((6, 9), (4, 12))]
+    rows = [[objectives.refine_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in ((6, 9), (4, 12))]
             for _ in range(n_rows)]
     return train.collate(rows, 50, EOS)
 
@@ -38,8 +39,8 @@ def cfg(**kw):
 
 
 def run_loss(m, b, c, backward=train.Backward(lambda l, final: l.backward()), seed=0):
-    norm = {k: float(v) for k, v in train.count_refine(b, c).items()}
-    return train.refine_loss(m, b, c, torch.Generator().manual_seed(seed), norm, backward)
+    norm = {k: float(v) for k, v in objectives.count_refine(b, c).items()}
+    return objectives.refine_loss(m, b, c, torch.Generator().manual_seed(seed), norm, backward)
 
 
 def test_label_alignment_and_noise_only_in_response():
@@ -58,7 +59,7 @@ def test_label_alignment_and_noise_only_in_response():
         assert torch.equal(s[~resp], idx[~resp])
     # s1 is the greedy next-token prediction of forward 0, shifted into place
     with torch.no_grad():
-        pred = rec.m(s0, b["pos"], train.causal_mask(b["doc"])).argmax(-1)
+        pred = rec.m(s0, b["pos"], causal_mask(b["doc"])).argmax(-1)
     assert torch.equal(s1[:, 1:][resp[:, 1:]], pred[:, :-1][resp[:, 1:]])
 
 
@@ -67,7 +68,7 @@ def test_one_iteration_without_noise_is_sft():
     c = cfg(mode="refine", num_iterations=1, noise_min=0.0, noise_max=0.0)
     norm = {"tgt": float((b["tgt"] >= 0).sum())}
     with torch.no_grad():
-        sft = train.sft_loss(m, b, c, None, norm, train.Backward())["loss"]
+        sft = objectives.sft_loss(m, b, c, None, norm, train.Backward())["loss"]
         ref = run_loss(m, b, c, backward=train.Backward())["loss"]
     assert sft == ref
 
@@ -132,7 +133,7 @@ def test_noise_schedules_move_the_upper_end(schedule):
     c = cfg(mode="refine", noise_min=0.2, noise_max=0.8, noise_schedule=schedule, max_iters=100)
     hi = {}
     for step in (0, 50, 100):
-        r_doc, _ = train.noise_ratio(b, c, torch.Generator().manual_seed(0), step / 100)
+        r_doc, _ = objectives.noise_ratio(b, c, torch.Generator().manual_seed(0), step / 100)
         assert (r_doc >= 0.2 - 1e-6).all()
         hi[step] = float(r_doc.max())
     if schedule == "uniform":

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, assert_clean_error, checkpoint_tensors, run_script
 
+import checkpoint
 import prepare
 import train
 from configurator import UserError, configure, defaults_from
@@ -62,10 +63,11 @@ train.main(sys.argv[1:])
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_killed_run_restarted_with_the_same_command_equals_uninterrupted(setup, tmp_path, mode):
+def test_killed_run_restarted_with_the_same_command_equals_uninterrupted(setup, tmp_path, mode, capsys):
+    """The uninterrupted run and the restart run in this process (train.main, the command's own
+    entry point); the killed one is a process of its own."""
     args = [f"--data_dir={setup}/data", *SMALL, *(a.format(base=f"{setup}/base") for a in MODES[mode])]
-    straight = run_script("train.py", *args, f"--out_dir={tmp_path}/straight")
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    train.main([*args, f"--out_dir={tmp_path}/straight"])
     out = tmp_path / "killed"
     script = tmp_path / "kill.py"
     script.write_text(KILL_AT.format(root=ROOT, step=12))
@@ -73,9 +75,9 @@ def test_killed_run_restarted_with_the_same_command_equals_uninterrupted(setup, 
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert os.listdir(out).count("ckpt_0000010") == 1 and "ckpt_0000020" not in os.listdir(out)   # mid-interval
     assert steps(out) == list(range(1, 13))
-    again = run_script("train.py", *args, f"--out_dir={out}")
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "resume=auto: continuing" in again.stdout
+    capsys.readouterr()
+    train.main([*args, f"--out_dir={out}"])
+    assert "resume=auto: continuing" in capsys.readouterr().out
     assert steps(out) == list(range(1, 31))   # each step logged once
     a, b = weights(tmp_path / "straight"), weights(out)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -144,12 +146,12 @@ def test_checkpoint_replace_leaves_one_whole_copy_whenever_it_is_killed(tmp_path
             raise KeyboardInterrupt   # the kill, between the two renames
         calls.append(1)
         rename(a, b)
-    monkeypatch.setattr(train.os, "rename", killed_after_one)
+    monkeypatch.setattr(checkpoint.os, "rename", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
-        train.replace_dir(str(tmp), str(final))
+        checkpoint.replace_dir(str(tmp), str(final))
     monkeypatch.undo()
-    assert not final.exists() and train.latest_checkpoint(str(tmp_path)) is None
-    train.restore_aside(str(tmp_path))   # what the next run does first
+    assert not final.exists() and checkpoint.latest_checkpoint(str(tmp_path)) is None
+    checkpoint.restore_aside(str(tmp_path))   # what the next run does first
     assert (final / "w").read_text() == "old"
-    train.replace_dir(str(tmp), str(final))
+    checkpoint.replace_dir(str(tmp), str(final))
     assert (final / "w").read_text() == "new" and os.listdir(tmp_path) == ["ckpt_0000010"]

@@ -9,9 +9,11 @@ import torch
 from conftest import ROOT, assert_clean_error, checkpoint_tensors, run_script
 
 import prepare
+import objectives
 import train
 from configurator import configure, defaults_from
-from model import ModelConfig, Transformer, causal_mask, from_pretrained, load_checkpoint
+from checkpoint import from_pretrained, load_checkpoint
+from model import ModelConfig, Transformer, causal_mask
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--max_length=128", "--batch_size=4",
         "--learning_rate=3e-3", "--warmup_iters=2", "--eval_interval=0", "--log_interval=1"]
@@ -79,7 +81,7 @@ def test_packing_keeps_documents_apart(toy_data):
     c.eos_id = 256
     shards = train.Shards(toy_data, "train")
     T = sum(len(shards.example(i)[0]) for i in (0, 1)) + 7   # two documents and some padding
-    b = train.collate([[train.sft_layout(*shards.example(i), c) for i in (0, 1)]], T, 256)
+    b = train.collate([[objectives.sft_layout(*shards.example(i), c) for i in (0, 1)]], T, 256)
     model = train.Transformer(train.ModelConfig(vocab_size=320, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
     model.init_weights(0)
     model.eval()
@@ -160,16 +162,16 @@ def test_sft_acc_next_is_teacher_forced_argmax_accuracy():
                 greedy = int(m(torch.tensor([toks]))[0, -1].argmax())
             toks.append(greedy if len(toks) % 2 else int(rng.integers(0, 50)))
             hits, n = hits + (toks[-1] == greedy), n + 1
-        lays.append(train.sft_layout(np.array(toks), p, c))
+        lays.append(objectives.sft_layout(np.array(toks), p, c))
     b = train.collate([lays], 24, 0)
-    out = train.sft_loss(m, b, c, None, {"tgt": float(n)}, train.Backward())
+    out = objectives.sft_loss(m, b, c, None, {"tgt": float(n)}, train.Backward())
     assert 0.4 < hits / n < 1 and math.isclose(out["acc_next"], hits / n, rel_tol=1e-6)
 
 
 def test_torch_compile_matches_eager(toy_data, tmp_path):
     small = ["--max_iters=3", "--n_layer=1", "--n_embd=32", "--n_head=2", "--n_kv_head=2"]
     run_train(toy_data, tmp_path / "eager", *small)
-    run_train(toy_data, tmp_path / "compiled", *small, "--compile=True")
+    run_train(toy_data, tmp_path / "compiled", *small, "--compile=True", "--compile_backend=aot_eager")
     assert np.allclose(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), rtol=1e-4)
 
 
@@ -205,7 +207,7 @@ def test_gradient_checkpointing_same_gradients_less_saved_memory(toy_data):
         m.gradient_checkpointing = ckpt
         meter = SavedBytes()
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-            train.sft_loss(m, b, c, None, {"tgt": 1.0}, train.Backward(lambda loss, final: loss.backward()))
+            objectives.sft_loss(m, b, c, None, {"tgt": 1.0}, train.Backward(lambda loss, final: loss.backward()))
         grads[ckpt], peak[ckpt] = [p.grad.clone() for p in m.parameters()], meter.peak
     assert all(torch.allclose(a, b_, atol=1e-6) for a, b_ in zip(grads[False], grads[True]))
     assert peak[True] < 0.7 * peak[False]
