@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -55,6 +56,31 @@ gen_length = 0             # canvas length (0: the checkpoint's gen_length, else
 block_length = 0           # LLaDA semi-AR: canvas blocks unmasked left to right (0: the whole canvas at once)
 dthreshold = 0.0           # Fast-dLLM parallel unmasking: the most confident + all with p >= this
 eos_last = True            # confidence algs: EOS predictions are unmasked last (LLaDA's confidence_eos_eot_inf)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """What the decoders read, and nothing else of the command line: the sampling settings and
+    each method's own (defaults: the keys above). Decoding.of(config) takes them from a config."""
+    max_new_tokens: int = max_new_tokens
+    temperature: float = temperature
+    top_p: float = top_p
+    threshold: float = threshold
+    verify: bool = verify
+    draft_tree: bool = draft_tree
+    add_eos_length: int = add_eos_length
+    refine_iter: int = refine_iter
+    steps: int = steps
+    alg: str = alg
+    alg_temp: float = alg_temp
+    gen_length: int = gen_length
+    block_length: int = block_length
+    dthreshold: float = dthreshold
+    eos_last: bool = eos_last
+
+    @classmethod
+    def of(cls, config):
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
 
 # ----------------------------------------------------------------------------- loading
@@ -649,13 +675,13 @@ def evaluate(model, info, tok, c, items, generator=None):
     if info["mode"] not in MODES[c.method] and not (c.method == "ar" and info.get("causal_clean")):
         raise UserError(f"method {c.method} cannot decode a checkpoint trained with mode={info['mode']} "
                         f"(it decodes: {', '.join(MODES[c.method])}; ar also block diffusion with causal_clean)")
-    decode = DECODERS[c.method]
+    decode, d = DECODERS[c.method], Decoding.of(c)
     encoded = encode_prompts(tok, items, info)
     records, t0, stats = [], time.time(), {}
     for i in range(0, len(encoded), c.batch_size):
         batch = encoded[i:i + c.batch_size]
         kw = {"stats": stats} if c.method in ("blockwise", "refine") else {}
-        results = decode(model, [ids for _, ids in batch], c, info, generator, **kw)
+        results = decode(model, [ids for _, ids in batch], d, info, generator, **kw)
         for (text, _), (ids, fw), (_, ref) in zip(batch, results, items[i:i + c.batch_size]):
             ids = cut_at_eos(ids, set(info["eos_ids"]))
             comp = tok.decode([t for t in ids if t not in info["eos_ids"]])

@@ -1,6 +1,5 @@
 """mode=diffusion and --method=diffusion: the loss by hand, the remasking rules, the cache."""
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import train
 from conftest import EAGER_FLEX, STORIES, Recorder
 from reference import reference_ar
 from configurator import configure, defaults_from
-from generate import choose, decode_blocks, decode_blocks_verified, decode_diffusion
+from generate import Decoding, choose, decode_blocks, decode_blocks_verified, decode_diffusion
 from checkpoint import from_pretrained
 from model import ModelConfig, Transformer, bidirectional_mask, block_causal_mask, block_diffusion_mask, dense_mask
 
@@ -87,9 +86,7 @@ def test_complementary_masks_cover_the_response_once():
 
 
 def dcfg(**kw):
-    return SimpleNamespace(**{"temperature": 0.0, "top_p": 1.0, "alg": "maskgit_plus", "alg_temp": 0.0,
-                              "dthreshold": 0.0, "steps": 0, "block_length": 0, "max_new_tokens": 12,
-                              "gen_length": 0, "eos_last": True, "verify": False, **kw})
+    return Decoding(**{"alg": "maskgit_plus", "max_new_tokens": 12, **kw})   # the rest: generate.py's defaults
 
 
 def test_each_alg_picks_its_rule():

@@ -10,7 +10,7 @@ import prepare
 import objectives
 import train
 from configurator import configure, defaults_from
-from generate import decode_ar, decode_blockwise
+from generate import Decoding, decode_ar, decode_blockwise
 from reference import reference_blockwise
 from model import KVCache, ModelConfig, Transformer, dense_mask, interleaved_mask
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -113,8 +113,7 @@ def trained(tmp_path_factory):
 
 
 def cfg(**kw):
-    return SimpleNamespace(**{"max_new_tokens": 60, "temperature": 0.0, "top_p": 1.0, "threshold": 0.7,
-                              "verify": False, "draft_tree": True, **kw})
+    return Decoding(**{"max_new_tokens": 60, **kw})   # the rest: generate.py's defaults
 
 
 def test_threshold_above_one_is_ar_greedy(trained):

@@ -13,7 +13,7 @@ import prepare
 import objectives
 import train
 from configurator import configure, defaults_from
-from generate import decode_ar, decode_blockwise, load
+from generate import Decoding, decode_ar, decode_blockwise, load
 from checkpoint import from_pretrained
 from model import interleaved_mask
 from reference import reference_blockwise
@@ -98,9 +98,7 @@ def test_gated_clean_stream_is_the_base_bit_for_bit(gated):
 
 
 def cfg(**kw):
-    from types import SimpleNamespace
-    return SimpleNamespace(**{"max_new_tokens": 60, "temperature": 0.0, "top_p": 1.0, "threshold": 0.7,
-                              "verify": True, "draft_tree": True, **kw})
+    return Decoding(**{"max_new_tokens": 60, "verify": True, **kw})   # the rest: generate.py's defaults
 
 
 @pytest.mark.parametrize("tree", [True, False])

@@ -6,7 +6,7 @@ import torch
 from conftest import EAGER_FLEX, STORIES, assert_clean_error, run_script
 
 import transformers
-from generate import decode_ar
+from generate import Decoding, decode_ar
 from reference import reference_ar
 from checkpoint import from_pretrained, save_pretrained
 from model import KVCache, ModelConfig, Transformer, bidirectional_mask, causal_mask, dense_mask
@@ -37,7 +37,7 @@ def test_stories260k_greedy_64_tokens_identical():
     want = hf.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=None,
                        min_new_tokens=64)[0, ids.shape[1]:].tolist()
     model = from_pretrained(STORIES).eval()
-    c = SimpleNamespace(max_new_tokens=64, temperature=0.0, top_p=1.0)
+    c = Decoding(max_new_tokens=64, temperature=0.0, top_p=1.0)
     got, forwards = decode_ar(model, [ids[0].tolist()], c, INFO)[0]
     assert got == want and forwards == 64
     assert tok.decode(got).startswith(", there was a little girl named Lily.")
@@ -166,7 +166,7 @@ def test_batched_rows_of_different_lengths_equal_single_rows():
     m = _model()
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (3, 11, 7)]
-    c = SimpleNamespace(max_new_tokens=12, temperature=0.0, top_p=1.0)
+    c = Decoding(max_new_tokens=12, temperature=0.0, top_p=1.0)
     batched = decode_ar(m, prompts, c, INFO)
     for p, (ids, _) in zip(prompts, batched):
         assert ids == decode_ar(m, [p], c, INFO)[0][0] == reference_ar(m, p, 12, INFO)
@@ -183,7 +183,7 @@ def test_ar_with_eos_rows_finishing_at_different_steps_equals_full_recompute():
         return [next((k + 1 for k, t in enumerate(f) if t in eos), None) for f in free]
     eos = next({a, b} for a in free[0] for b in free[1] if len({e for e in ends({a, b}) if e}) >= 2)
     info = {**INFO, "eos_ids": sorted(eos)}
-    c = SimpleNamespace(max_new_tokens=16, temperature=0.0, top_p=1.0)
+    c = Decoding(max_new_tokens=16, temperature=0.0, top_p=1.0)
     batched = decode_ar(m, prompts, c, info)
     want = [reference_ar(m, p, 16, info) for p in prompts]
     assert [ids for ids, _ in batched] == want

@@ -11,7 +11,7 @@ import train
 from bench import SavedBytes
 from conftest import Recorder
 from configurator import configure, defaults_from
-from generate import decode_ar, decode_refine
+from generate import Decoding, decode_ar, decode_refine
 from reference import reference_refine
 from model import ModelConfig, Transformer, causal_mask
 
@@ -106,8 +106,7 @@ def trained(tmp_path_factory):
 
 
 def dcfg(**kw):
-    return SimpleNamespace(**{"max_new_tokens": 50, "temperature": 0.0, "top_p": 1.0, "verify": False,
-                              "add_eos_length": 8, "refine_iter": 2, **kw})
+    return Decoding(**{"max_new_tokens": 50, "add_eos_length": 8, **kw})   # the rest: generate.py's defaults
 
 
 def test_no_eos_no_refine_is_ar_and_verify_is_ar_at_any_n(trained):
