@@ -136,10 +136,10 @@ def train_config(b, data_dir, out, name, overrides):
     return c
 
 
-def time_training(b, data_dir, tmp):
+def time_training(b, data_dir, tmp, runs):
     """Step time, data tokens/s and memory of each mode on the same examples (batch_size rows of sft)."""
     out = {}
-    for name, (overrides, _) in RUNS.items():
+    for name, (overrides, _) in runs.items():
         if "init_from" in overrides and "lora_rank" not in overrides:   # the same step as its mode's scratch run
             continue
         overrides = resolve(overrides, b, tmp)
@@ -207,9 +207,9 @@ def resolve(overrides, b, tmp):
             if isinstance(v, str) else v for k, v in overrides.items()}
 
 
-def decode_all(b, data_dir, tmp):
+def decode_all(b, data_dir, tmp, runs):
     out = {}
-    for name, (overrides, decoders) in RUNS.items():
+    for name, (overrides, decoders) in runs.items():
         out_run = run_dir(tmp, name)
         overrides = resolve(overrides, b, tmp)
         c = train_config(b, data_dir, out_run, name, overrides)
@@ -246,12 +246,12 @@ def measure(b, model, info, tok, items, kw, bs):
     g = torch.Generator(device=b.device).manual_seed(0)
     rec = {}
     if bs == 8:
-        _, s = generate.evaluate(model, info, tok, c, items, g)
+        _, s = generate.decode_and_score(model, info, tok, c, items, g)
         rec.update(accuracy=s.get("accuracy"), tokens_per_forward=s["tokens_per_forward"])
     # warm-up over the same prompts: CPU kernels set up per shape on first use (oneDNN), and the
     # first model decoded would otherwise pay for every shape
-    generate.evaluate(model, info, tok, c, items[:b.speed_n], g)
-    _, s = generate.evaluate(model, info, tok, c, items[:b.speed_n], g)
+    generate.decode_and_score(model, info, tok, c, items[:b.speed_n], g)
+    _, s = generate.decode_and_score(model, info, tok, c, items[:b.speed_n], g)
     rec["speed_tokens_per_second"] = s["tokens_per_second"]
     rec.setdefault("tokens_per_forward", s["tokens_per_forward"])
     return rec
@@ -346,22 +346,25 @@ def figure(res, path):
     fig.savefig(path, dpi=120)
 
 
+def select_runs(b):
+    """The runs this invocation makes (a new dict; RUNS stays as written): --only's, and for
+    --quick one decoder per trained mode and no run whose code paths another one covers."""
+    keep = {"sft", *(n.strip() for n in b.only.split(","))} if b.only else set(RUNS)
+    if keep - set(RUNS):
+        raise UserError(f"only: unknown runs {sorted(keep - set(RUNS))} (one of: {', '.join(RUNS)})")
+    runs = {n: (o, list(d)) for n, (o, d) in RUNS.items() if n in keep}
+    if b.quick:   # the same code paths as the B=4 LoRA runs; block diffusion: tests/test_diffusion.py
+        covered = [n for n in runs if "from sft" in n and (n.startswith(("interleaved B=8", "block diffusion"))
+                                                            or (n.startswith("interleaved") and " full " in n))]
+        runs = {n: (o, d[:1]) for n, (o, d) in runs.items() if n not in covered}
+    return runs
+
+
 def main(argv=None):
     b = configure(defaults_from(globals()), [a if a != "--quick" else "--quick=True" for a in (argv or sys.argv[1:])])
-    if b.only:
-        keep = {"sft", *(n.strip() for n in b.only.split(","))}
-        unknown = keep - set(RUNS)
-        if unknown:
-            raise UserError(f"only: unknown runs {sorted(unknown)} (one of: {', '.join(RUNS)})")
-        for name in set(RUNS) - keep:
-            del RUNS[name]
+    runs = select_runs(b)
     if b.quick:
         b.eval_n, b.speed_n, b.time_steps, b.lora_rank = 16, 8, 2, 4
-        for name in [n for n in RUNS if "from sft" in n and (n.startswith(("interleaved B=8", "block diffusion"))
-                                                              or (n.startswith("interleaved") and " full " in n))]:
-            del RUNS[name]   # the same code paths as the B=4 LoRA runs; block diffusion: tests/test_diffusion.py
-        for name, (_, decoders) in RUNS.items():   # one decoder per trained mode keeps it short
-            del decoders[1:]
     tmp = b.out_dir or tempfile.mkdtemp(prefix="bench-")
     data_dir = os.path.join(tmp, "data")
     preset = PRESETS["quick" if b.quick else "full"]
@@ -369,8 +372,8 @@ def main(argv=None):
     t0 = time.time()
     res = {"preset": "quick" if b.quick else "full", "device": b.device, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "lora_rank": b.lora_rank}
-    res["decoding"] = decode_all(b, data_dir, tmp)   # first: the LoRA runs' step is timed on the sft model
-    res["training"] = time_training(b, data_dir, tmp)
+    res["decoding"] = decode_all(b, data_dir, tmp, runs)   # first: the LoRA runs' step is timed on the sft model
+    res["training"] = time_training(b, data_dir, tmp, runs)
     res["padding"] = padding(data_dir, b)
     res["hf_generate"] = hf_generate_speed() if not b.only else None
     res["prepare_gsm8k"] = prepare_speed(b.gsm8k, tmp) if not b.only else None

@@ -590,7 +590,7 @@ def decode_blocks_verified(model, prompts, c, info, generator=None):
 
 
 DECODERS = {"ar": decode_ar, "blockwise": decode_blockwise, "refine": decode_refine, "diffusion": decode_diffusion}
-MODES = {"ar": ("sft", "refine", "interleaved"), "blockwise": ("interleaved",),   # what each method decodes
+DECODES = {"ar": ("sft", "refine", "interleaved"), "blockwise": ("interleaved",),   # what each method decodes
          "refine": ("refine", "sft", "interleaved"), "diffusion": ("diffusion",)}
 
 
@@ -668,13 +668,13 @@ def encode_prompts(tok, items, info):
     return out
 
 
-def evaluate(model, info, tok, c, items, generator=None):
+def decode_and_score(model, info, tok, c, items, generator=None):
     """Decode every item in batches; returns (per-row records, summary dict)."""
     if c.method not in DECODERS:
         raise UserError(f"unknown method {c.method!r} (one of {', '.join(DECODERS)})")
-    if info["mode"] not in MODES[c.method] and not (c.method == "ar" and info.get("causal_clean")):
+    if info["mode"] not in DECODES[c.method] and not (c.method == "ar" and info.get("causal_clean")):
         raise UserError(f"method {c.method} cannot decode a checkpoint trained with mode={info['mode']} "
-                        f"(it decodes: {', '.join(MODES[c.method])}; ar also block diffusion with causal_clean)")
+                        f"(it decodes: {', '.join(DECODES[c.method])}; ar also block diffusion with causal_clean)")
     decode, d = DECODERS[c.method], Decoding.of(c)
     encoded = encode_prompts(tok, items, info)
     records, t0, stats = [], time.time(), {}
@@ -723,7 +723,7 @@ def main(argv=None):
     model, info, tok = load(c.init_from, c.device, dt)
     items = load_prompts(c, info)
     gen = torch.Generator(device=c.device).manual_seed(c.seed)
-    records, summary = evaluate(model, info, tok, c, items, gen)
+    records, summary = decode_and_score(model, info, tok, c, items, gen)
     if c.out:
         with open(c.out, "w") as f:
             for r in records:

@@ -130,15 +130,6 @@ def pick_backend(cfg, device):
     return "flex" if str(device).startswith("cuda") and cfg.head_dim >= 16 else "sdpa"
 
 
-_compiled_flex = None
-
-
-def _flex(q, k, v, block_mask):
-    global _compiled_flex
-    if q.is_cuda:  # the fused kernel exists only compiled; eager Flex materialises scores
-        _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
-    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -371,16 +362,20 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.backend = "sdpa"            # or "flex"; see set_backend
+        self.flex = flex_attention       # the Flex kernel set_backend chose
         self.gradient_checkpointing = False
         self.lora_config = None          # set by add_lora
         self.mask_embed = None           # LoRA runs: the trainable copy of the MASK embedding row
         self.sampler_head = None         # gated LoRA runs may add one (SamplerHead)
         self.ce_rows = 0                 # rows per cross-entropy chunk (0: 2^27 logits' worth)
 
-    def set_backend(self, backend):
-        """Chosen once: 'flex' (BlockMask, compiled on CUDA) or 'sdpa' (dense boolean mask)."""
+    def set_backend(self, backend, device=None):
+        """Chosen once: 'flex' (BlockMask; on CUDA the compiled kernel, since eager Flex
+        materialises the scores) or 'sdpa' (dense boolean mask)."""
         assert backend in ("flex", "sdpa"), backend
         self.backend = backend
+        cuda = str(device or next(self.parameters()).device).startswith("cuda")
+        self.flex = torch.compile(flex_attention, dynamic=False) if backend == "flex" and cuda else flex_attention
         return self
 
     @torch.no_grad()
@@ -414,7 +409,7 @@ class Transformer(nn.Module):
         if self.backend == "flex":
             # compiled on CUDA: built eagerly it materialises the (B, T, S) grid on every forward
             bm = create_block_mask(mask_mod, B, None, T, S, device=device, _compile=device.type == "cuda")
-            return lambda q, k, v: _flex(q, k, v, bm)
+            return lambda q, k, v: self.flex(q, k, v, block_mask=bm, enable_gqa=True)
         mask = dense_mask(mask_mod, B, T, S, device)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 

@@ -530,6 +530,28 @@ def resolve(c, world, meta=None, device=None):
                               "device": device or c.device, "resume_from": resume_from})
 
 
+def announce_resume(c, rank):
+    """Refuse a resume over changed settings (check_resume); say what continues, and what changed."""
+    changes = check_resume(c, c.resume_from)
+    if rank == 0:
+        how = "resume=auto: continuing the run" if c.init_from != "resume" else "init_from=resume: continuing"
+        print(f"{how} in {c.out_dir} from {os.path.basename(c.resume_from)}" +
+              (f" with {changes}" if changes else ""), flush=True)
+
+
+def setup_model(c, meta, world, splits):
+    """(raw model, the wrapped one that trains, its optimizer): built, checked against the data,
+    sharded or wrapped, made real."""
+    torch.manual_seed(c.seed)
+    raw, fill = build_model(c, meta)
+    check_compatible(c, meta, raw, splits)
+    raw.gradient_checkpointing = c.gradient_checkpointing
+    raw.set_backend(pick_backend(raw.config, c.device), c.device)   # (raw may still be on the meta device)
+    model = wrap(raw, fill, c, world)
+    del fill   # it holds the source's file mappings: release them before training
+    return raw, model, make_optimizer(model, c)
+
+
 def train(c):
     world, rank, device = setup_distributed(c.device)
     if rank == 0:
@@ -539,20 +561,9 @@ def train(c):
     meta = train_data.meta
     c = resolve(c, world, meta, device)
     if c.resume_from and not c.eval_only:
-        changes = check_resume(c, c.resume_from)
-        if rank == 0:
-            how = "resume=auto: continuing the run" if c.init_from != "resume" else "init_from=resume: continuing"
-            print(f"{how} in {c.out_dir} from {os.path.basename(c.resume_from)}" +
-                  (f" with {changes}" if changes else ""), flush=True)
+        announce_resume(c, rank)
     tok = Tokenizer(meta["tokenizer"] if meta["tokenizer"] in ("byte", "gpt2") else os.path.join(c.data_dir, "tokenizer"))
-    torch.manual_seed(c.seed)
-    raw, fill = build_model(c, meta)
-    check_compatible(c, meta, raw, (train_data, val_data))
-    raw.gradient_checkpointing = c.gradient_checkpointing
-    raw.set_backend(pick_backend(raw.config, c.device))
-    model = wrap(raw, fill, c, world)
-    del fill   # it holds the source's file mappings: release them before training
-    opt = make_optimizer(model, c)
+    raw, model, opt = setup_model(c, meta, world, (train_data, val_data))
     step = load_train_state(raw, opt, c) if c.resume_from else 0
     train_b, val_b = Batches(train_data, c, world, rank), Batches(val_data, c, 1, 0)
     total = c.max_iters or max(c.epochs, 1) * train_b.steps_per_epoch

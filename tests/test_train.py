@@ -273,3 +273,29 @@ def test_refine_validation_is_a_function_of_the_weights(toy_data, tmp_path, caps
     train.main([*args, f"--out_dir={tmp_path}/e", "--eval_only=True", f"--init_from={tmp_path}/o"])
     again = [l for l in capsys.readouterr().out.splitlines() if "| val " in l][-1]
     assert last.split("| val ")[1] == again.split("| val ")[1], (last, again)
+
+
+def test_decay_lr_mask_loss_weight_and_eps_do_what_they_say():
+    c = configure(defaults_from(vars(train)), ["--decay_lr=False", "--learning_rate=0.01"])
+    assert {train.get_lr(i, c, 100) for i in (0, 10, 99, 500)} == {0.01}
+    c = configure(defaults_from(vars(train)), ["--warmup_iters=0"])
+    assert train.get_lr(0, c, 100) == c.learning_rate and train.get_lr(100, c, 100) == c.min_lr
+    # mask_loss_weight: the slot loss's weight in the loss that is backpropagated
+    from conftest import Recorder
+    c = configure(defaults_from(vars(train)), ["--mode=interleaved", "--block_size=4", "--mask_loss_weight=0.25"])
+    c.eos_id, c.mask_id = 256, 257
+    rng = np.random.default_rng(0)
+    b = train.collate([[objectives.interleaved_layout(rng.integers(0, 250, size=p + r), p, c) for p, r in ((5, 9), (4, 12))]],
+                      64, 256)
+    norm = {k: float(max(v, 1)) for k, v in objectives.count_interleaved(b, c).items()}
+    m = Transformer(ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_kv_head=2, n_embd=16)).init_weights(0)
+    sent = []
+    out = objectives.interleaved_loss(m, b, c, None, norm, train.Backward(lambda loss, final: sent.append(loss.item())))
+    assert math.isclose(sent[0], out["loss_ar"] + 0.25 * out["loss_slot"], rel_tol=1e-6) and out["loss_slot"] > 0
+    # eps: t ~ U(eps, 1), so eps near 1 masks every response token
+    c = configure(defaults_from(vars(train)), ["--mode=diffusion", "--block_size=0", "--gen_length=16", "--eps=0.999999"])
+    c.eos_id, c.mask_id = 256, 257
+    b = train.collate([[objectives.diffusion_layout(rng.integers(0, 250, size=12), 4, c)]], 32, 256)
+    rec = Recorder(m)
+    objectives.diffusion_loss(rec, b, c, torch.Generator().manual_seed(0), {"tgt": 16.0, "ar": 1.0}, train.Backward())
+    assert (rec.inputs[0][b["resp"]] == 257).all() and (rec.inputs[0][~b["resp"]] != 257).all()
