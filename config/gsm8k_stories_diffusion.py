@@ -6,3 +6,4 @@ mode = "diffusion"
 shift = True
 gen_length = 256
 block_size = 0         # one full canvas (LLaDA); block_size > 0 is block diffusion
+ar_loss_weight = 0.0   # refine's AR term does not apply: a full canvas has no causal clean stream

@@ -1,5 +1,6 @@
 """bench.py --quick: the smoke run CI does, and the fields its JSON line must carry."""
 import json
+import math
 
 from conftest import run_script
 
@@ -26,3 +27,19 @@ def test_bench_quick_json_has_every_field(tmp_path):
             if "diffusion" not in name:   # diffusion checkpoints have no AR decoding to compare with
                 assert "speedup_vs_ar" in r["1"] and "speedup_vs_ar" in r["8"]
     assert res["hf_generate"]["ratio"] > 0
+    # values that can be wrong: ratios against the numbers they are ratios of, AR at one token a forward
+    sft = res["training"]["sft"]
+    for r in res["training"].values():
+        assert math.isclose(r["step_ratio"], r["step_s"] / sft["step_s"], rel_tol=1e-6)
+        assert math.isclose(r["memory_ratio"], r["memory_mb"] / sft["memory_mb"], rel_tol=1e-6)
+    for name, rows in res["decoding"].items():
+        if "ar" in rows:
+            assert all(rows["ar"][bs]["tokens_per_forward"] == 1.0 for bs in ("1", "8")), name
+        for label, r in rows.items():
+            if "diffusion" not in name:   # a canvas ending early takes fewer tokens than its steps
+                assert all(r[bs]["tokens_per_forward"] >= 1.0 for bs in ("1", "8")), (name, label)
+            assert 0.0 <= r["8"]["accuracy"] <= 1.0
+            for bs in ("1", "8"):
+                if "ar" in rows and "speedup_vs_ar" in r[bs]:
+                    want = r[bs]["speed_tokens_per_second"] / rows["ar"][bs]["speed_tokens_per_second"]
+                    assert math.isclose(r[bs]["speedup_vs_ar"], want, rel_tol=1e-6), (name, label, bs)
