@@ -348,8 +348,45 @@ def load_lora_checkpoint(ckpt, info, device="cpu", dtype=torch.float32):
     return model
 
 
+def gguf_folder(path):
+    """A GGUF file (llama.cpp's format) as an HF folder: read once by transformers (weights
+    dequantized to fp32, the tokenizer with its chat template) and written to a cache folder named
+    by the file's path, size and time, which every later run reuses. The weights are the GGUF's:
+    a quantized file gives the quantized model's weights, not the original ones."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such GGUF file")
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pdlm", "gguf")
+    folder = os.path.join(cache, f"{os.path.basename(path)[:-len('.gguf')]}-{key}")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    import transformers
+    where, name = os.path.split(os.path.abspath(path))
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+    except Exception as e:   # an architecture transformers cannot read from GGUF, a damaged file
+        raise UserError(f"{path}: transformers cannot read this GGUF file ({type(e).__name__}: {e})") from None
+    model.hf_quantizer = None   # dequantized already: save_pretrained refuses a quantized model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    os.makedirs(cache, exist_ok=True)
+    tmp = folder + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if not os.path.isdir(folder):   # another process may have written it meanwhile
+        os.rename(tmp, folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def find_checkpoint(path):
-    """A checkpoint folder (has info.json), the newest one in a training out_dir, or an HF folder."""
+    """A checkpoint folder (has info.json), the newest one in a training out_dir, an HF folder,
+    or a .gguf file (as the HF folder gguf_folder makes of it)."""
+    if path.endswith(".gguf"):
+        return gguf_folder(path)
     if not os.path.isdir(path):
         raise UserError(f"init_from={path}: no such folder")
     if os.path.isfile(os.path.join(path, "info.json")):

@@ -21,7 +21,7 @@ from checkpoint import find_checkpoint, load_checkpoint, load_info, load_lora_ch
 from model import KVCache, bidirectional_mask, block_causal_mask, interleaved_mask
 from prepare import Tokenizer, read_rows, row_texts
 
-init_from = "out/toy"      # a training out_dir, one checkpoint folder, or a Hugging Face model folder
+init_from = "out/toy"      # a training out_dir, one checkpoint folder, a Hugging Face model folder or a .gguf file
 method = "ar"              # ar | blockwise | refine | diffusion
 prompt = ""                # one prompt ...
 prompts_file = ""          # ... or a file with one prompt per line ...
@@ -682,10 +682,15 @@ def decode_and_score(model, info, tok, c, items, generator=None):
         batch = encoded[i:i + c.batch_size]
         kw = {"stats": stats} if c.method in ("blockwise", "refine") else {}
         results = decode(model, [ids for _, ids in batch], d, info, generator, **kw)
-        for (text, _), (ids, fw), (_, ref) in zip(batch, results, items[i:i + c.batch_size]):
+        for (ids, fw), (prompt, ref) in zip(results, items[i:i + c.batch_size]):
             ids = cut_at_eos(ids, set(info["eos_ids"]))
-            comp = tok.decode([t for t in ids if t not in info["eos_ids"]])
-            rec = {"prompt": text, "completion": comp, "tokens": len(ids), "forwards": fw}
+            ended = bool(ids) and ids[-1] in info["eos_ids"]
+            body = ids[:-1] if ended else ids
+            # the prompt as given (string or chat list) and the exact tokens: prepare.py reads this
+            # back (--response_key=completion) as training rows holding what the model produced
+            rec = {"prompt": prompt, "completion": tok.decode(body), "completion_ids": body, "eos": ended,
+                   "tokens": len(ids), "forwards": fw}
+            comp = rec["completion"]
             if ref is not None:
                 rec["answer"] = ref if isinstance(ref, str) else str(ref)
                 rec["correct"] = is_correct(comp, rec["answer"])
@@ -730,7 +735,8 @@ def main(argv=None):
                 f.write(json.dumps(r) + "\n")
     if len(records) <= 3:
         for r in records:
-            print(r["prompt"] + r["completion"], file=sys.stderr)
+            shown = r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"], ensure_ascii=False)
+            print(shown + r["completion"], file=sys.stderr)
     print(json.dumps(summary))
 
 

@@ -21,7 +21,7 @@ from configurator import UserError, configure, cli, defaults_from
 input = "toy"              # parquet/jsonl path(s), comma-separated; "toy" = the built-in arithmetic task
 val_input = ""             # separate validation file(s); else val_fraction of input goes to val
 out_dir = "data/toy"
-tokenizer = "byte"         # byte | gpt2 | path to a Hugging Face tokenizer/model folder
+tokenizer = "byte"         # byte | gpt2 | a Hugging Face tokenizer/model folder | a .gguf file (its tokenizer)
 prompt_key = "prompt"
 response_key = "target"
 system_prompt = ""         # prepended as a system message when the row has none
@@ -29,6 +29,9 @@ max_length = 512           # rows longer than this (prompt + response + EOS) are
 val_fraction = 0.05
 seed = 1337
 on_bad_row = "error"       # error | skip (skip and count malformed rows)
+eos_key = "eos"            # a boolean column, where a row has it: false = the response did not end with EOS
+                           # (generate.py --out, cut by max_new_tokens); "" = every response ends with one
+truncated = "drop"         # such a row: drop (counted) | keep (without an EOS it did not produce)
 toy_rows = 20000           # size of the built-in toy task
 chunk_rows = 2048          # rows tokenized per batch call
 
@@ -41,6 +44,9 @@ class Tokenizer:
     """One face for tiktoken (byte, gpt2) and Hugging Face tokenizers."""
 
     def __init__(self, spec):
+        if spec.endswith(".gguf"):   # llama.cpp's file: its tokenizer, as an HF folder
+            from checkpoint import gguf_folder
+            spec = gguf_folder(spec)
         self.spec, self.hf, self.template = spec, None, None
         if spec in ("byte", "gpt2"):
             import tiktoken
@@ -68,7 +74,7 @@ class Tokenizer:
             self.mask_id = self.hf.mask_token_id if self.hf.mask_token_id is not None else len(self.hf)
             self.vocab_size = max(len(self.hf), self.mask_id + 1)
         else:
-            raise UserError(f"unknown tokenizer {spec!r} (byte, gpt2, or a Hugging Face tokenizer folder)")
+            raise UserError(f"unknown tokenizer {spec!r} (byte, gpt2, a Hugging Face tokenizer folder or a .gguf file)")
 
     def render(self, messages):
         """The prompt text the model sees, ending where the response begins."""
@@ -143,8 +149,9 @@ def toy_task(n, seed):
         yield i, {"prompt": f"Compute {expr}.", "target": "<think>\n" + "\n".join(steps) + f"\n</think>\n#### {value}"}
 
 
-def read_rows(path, keys, cfg):
-    """Yield (row number, row dict) from a parquet file (by row group) or jsonl (by line)."""
+def read_rows(path, keys, cfg, optional=()):
+    """Yield (row number, row dict) from a parquet file (by row group: the columns keys, and those
+    of optional it has) or jsonl (by line)."""
     if path == "toy":
         yield from toy_task(cfg.toy_rows, cfg.seed)
         return
@@ -161,7 +168,8 @@ def read_rows(path, keys, cfg):
             raise UserError(f"{path}: missing column {missing[0]!r} (columns: {pf.schema_arrow.names})")
         n = 0
         for g in range(pf.num_row_groups):
-            for row in pf.read_row_group(g, columns=list(keys)).to_pylist():
+            cols = list(keys) + [k for k in optional if k and k in pf.schema_arrow.names and k not in keys]
+            for row in pf.read_row_group(g, columns=cols).to_pylist():
                 yield n, row
                 n += 1
     elif path.endswith((".jsonl", ".json")):
@@ -189,8 +197,9 @@ def _messages(value, what):
                      f"got {type(value).__name__}")
 
 
-def row_texts(tok, row, pkey, rkey, system):
-    """(rendered prompt, response text) of one row; ValueError says what is wrong with it."""
+def row_texts(tok, row, pkey, rkey, system, allow_empty=False):
+    """(rendered prompt, response text) of one row; ValueError says what is wrong with it.
+    allow_empty: a response given as token ids may be EOS alone (a model that stopped at once)."""
     if not isinstance(row, dict):
         raise ValueError(f"expected an object with keys {pkey!r} and {rkey!r}, got a JSON {type(row).__name__}")
     for k in (pkey, rkey):
@@ -205,7 +214,7 @@ def row_texts(tok, row, pkey, rkey, system):
     if not isinstance(response, str):
         msgs = _messages(response, repr(rkey))
         response = "".join(m["content"] for m in msgs if m["role"] == "assistant")
-    if not response.strip():
+    if not response.strip() and not allow_empty:
         raise ValueError(f"{rkey!r} is empty")
     prompt = tok.render(messages)
     # a template that already opens the think block: keep <think> once (seed interleaved_sft Q3)
@@ -280,6 +289,22 @@ class ShardWriter:
                 "length": {"mean": self.n / max(self.rows, 1), "max": self.max_len}}
 
 
+def decoded_response(row, cfg, tok):
+    """(the response's token ids when the row carries them, else None; whether it ends with EOS).
+    generate.py --out writes completion_ids, the exact tokens the model produced: encoding the
+    text again could tokenize it otherwise. A row whose eos_key is false did not end with EOS."""
+    if not isinstance(row, dict):
+        return None, True   # row_texts names what is wrong with it
+    ids = row.get(cfg.response_key + "_ids")
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) and 0 <= t < tok.vocab_size
+                                                                 for t in ids)):
+        raise ValueError(f"{cfg.response_key + '_ids'!r} should be a list of token ids below {tok.vocab_size}")
+    ended = row.get(cfg.eos_key, True) if cfg.eos_key else True
+    if not isinstance(ended, bool):
+        raise ValueError(f"{cfg.eos_key!r} should be true or false, got {ended!r}")
+    return ids, ended
+
+
 def is_val(row_global, cfg):
     """A deterministic per-row coin from (seed, row number): independent of chunking."""
     return random.Random(cfg.seed * 1_000_003 + row_global).random() < cfg.val_fraction
@@ -290,11 +315,12 @@ def process_chunk(tok, chunk, writers, stats, cfg, val_rows):
     kept validation rows also go to val.jsonl, for generate.py --data to score."""
     p_ids = tok.encode_batch([c[2] for c in chunk], prompt=True)
     r_ids = tok.encode_batch([c[3] for c in chunk])
-    for (split, row, _, _), p, r in zip(chunk, p_ids, r_ids):
-        if len(p) + len(r) + 1 > cfg.max_length:
+    for (split, row, _, _, ids, ended), p, r in zip(chunk, p_ids, r_ids):
+        r = (ids if ids is not None else r) + ([tok.eos_id] if ended else [])
+        if len(p) + len(r) > cfg.max_length:
             stats[split]["dropped"]["too_long"] = stats[split]["dropped"].get("too_long", 0) + 1
             continue
-        writers[split].add(p, r + [tok.eos_id])
+        writers[split].add(p, r)
         if split == "val":
             val_rows.write(json.dumps({k: row[k] for k in (cfg.prompt_key, cfg.response_key)}) + "\n")
 
@@ -309,17 +335,22 @@ def write_shards(cfg, tok, tmp):
     last = t0  # the first progress line after 2 s: small inputs print none
     total_rows = sum(count_rows(p, cfg) for p, _ in sources)
     for path, forced in sources:
-        for n, row in read_rows(path, (cfg.prompt_key, cfg.response_key), cfg):
+        for n, row in read_rows(path, (cfg.prompt_key, cfg.response_key), cfg, (cfg.response_key + "_ids", cfg.eos_key)):
             split = forced or ("val" if (not cfg.val_input and is_val(seen, cfg)) else "train")
             seen += 1
             try:
-                prompt, response = row_texts(tok, row, cfg.prompt_key, cfg.response_key, cfg.system_prompt)
+                ids, ended = decoded_response(row, cfg, tok)
+                prompt, response = row_texts(tok, row, cfg.prompt_key, cfg.response_key, cfg.system_prompt,
+                                             allow_empty=bool(ids) or (ids is not None and ended))
             except ValueError as e:
                 if cfg.on_bad_row != "skip":
                     raise UserError(f"{path}: row {n}: {e} (use --on_bad_row=skip to skip and count such rows)") from None
                 stats[split]["dropped"]["malformed"] = stats[split]["dropped"].get("malformed", 0) + 1
                 continue
-            chunk.append((split, row, prompt, response))
+            if not ended and cfg.truncated == "drop":
+                stats[split]["dropped"]["no_eos"] = stats[split]["dropped"].get("no_eos", 0) + 1
+                continue
+            chunk.append((split, row, prompt, response, ids, ended))
             if len(chunk) >= cfg.chunk_rows:
                 process_chunk(tok, chunk, writers, stats, cfg, val_rows)
                 chunk = []
@@ -363,12 +394,17 @@ def check_out_dir(cfg):
 
 
 def tokenizer_spec(spec):
+    if spec.endswith(".gguf"):
+        from checkpoint import gguf_folder
+        return gguf_folder(spec)
     return os.path.abspath(spec) if os.path.isdir(spec) else spec
 
 
 def prepare(cfg):
     if cfg.on_bad_row not in ("error", "skip"):
         raise UserError(f"on_bad_row={cfg.on_bad_row!r}: expected 'error' or 'skip'")
+    if cfg.truncated not in ("drop", "keep"):
+        raise UserError(f"truncated={cfg.truncated!r}: expected 'drop' or 'keep'")
     tok = Tokenizer(cfg.tokenizer)
     for p in (cfg.input + "," + cfg.val_input).split(","):
         if p and p != "toy" and not os.path.isfile(p):

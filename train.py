@@ -30,7 +30,7 @@ from prepare import Tokenizer
 # I/O
 data_dir = "data/toy"         # output of prepare.py
 out_dir = "out/toy"
-init_from = "scratch"         # scratch | resume | path to a Hugging Face model folder or a run's out_dir
+init_from = "scratch"         # scratch | resume | a Hugging Face model folder, a run's out_dir or a .gguf file
 resume = "auto"               # auto: an out_dir holding a checkpoint is continued | never: start fresh, refuse such an out_dir
 mode = "sft"                  # sft | refine | interleaved | diffusion
 # refine (EOS-noise iterative refinement)

@@ -170,3 +170,53 @@ def test_toy_task_is_deterministic():
             lhs, rhs = s.split("=")
             assert eval(lhs) == int(rhs)
         assert row["target"].endswith(f"#### {steps[-1].split('=')[1]}")
+
+
+def self_distilled(init_from, tokenizer, tmp, rows, max_new_tokens, truncated="keep"):
+    """generate.py --data=rows --out=G, then prepare.py --input=G --response_key=completion: the
+    training rows and the decoded records, in order."""
+    import generate
+    with open(f"{tmp}/rows.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    generate.main([f"--init_from={init_from}", f"--data={tmp}/rows.jsonl", "--prompt_key=prompt", "--quiet=True",
+                   f"--max_new_tokens={max_new_tokens}", f"--out={tmp}/G.jsonl"])
+    recs = [json.loads(l) for l in open(f"{tmp}/G.jsonl")]
+    prepare.prepare(configure(defaults_from(vars(prepare)), [
+        f"--input={tmp}/G.jsonl", "--prompt_key=prompt", "--response_key=completion", f"--tokenizer={tokenizer}",
+        f"--out_dir={tmp}/sd_{truncated}", "--val_fraction=0", f"--truncated={truncated}"]))
+    return recs, f"{tmp}/sd_{truncated}"
+
+
+def check_round_trip(init_from, recs, data_dir):
+    """Each training row holds exactly the tokens decoding fed (the prompt) and produced (the
+    completion, and EOS only where the model emitted one)."""
+    import generate
+    import train
+    from checkpoint import find_checkpoint, load_info
+    info = load_info(find_checkpoint(init_from))
+    tok = prepare.Tokenizer(info["tokenizer_path"])
+    shards = train.Shards(data_dir, "train")
+    assert len(shards) == len(recs)
+    for i, rec in enumerate(recs):
+        tokens, plen = shards.example(i)
+        fed = generate.encode_prompts(tok, [(rec["prompt"], None)], info)[0][1]
+        assert tokens[:plen].tolist() == fed
+        assert tokens[plen:].tolist() == rec["completion_ids"] + ([tok.eos_id] if rec["eos"] else [])
+
+
+def test_self_distillation_round_trip_byte(tmp_path):
+    import train
+    prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={tmp_path}/d", "--toy_rows=300"]))
+    train.main([f"--data_dir={tmp_path}/d", f"--out_dir={tmp_path}/m", "--n_layer=2", "--n_head=2", "--n_kv_head=2",
+                "--n_embd=64", "--max_iters=150", "--learning_rate=1e-2", "--batch_size=8", "--eval_interval=0",
+                "--log_interval=1000", "--save_interval=1000"])   # enough to end some answers with EOS
+    rows = [{"prompt": "Compute 2+3."}, {"prompt": [{"role": "user", "content": "Compute 7-4+1."}]},
+            {"prompt": "Compute 9+9-9."}, {"prompt": "héllo <think>\n"}]
+    recs, d = self_distilled(f"{tmp_path}/m", "byte", tmp_path, rows, 40)
+    assert recs[1]["prompt"] == rows[1]["prompt"]   # the prompt as given, not its rendering
+    check_round_trip(f"{tmp_path}/m", recs, d)
+    assert {r["eos"] for r in recs} == {True, False}, recs   # both kinds of row occur ...
+    recs2, d2 = self_distilled(f"{tmp_path}/m", "byte", tmp_path, rows, 40, truncated="drop")
+    meta = json.load(open(f"{d2}/meta.json"))   # ... and a completion cut short is dropped and counted
+    split = meta["splits"]["train"]
+    assert split["rows"] == sum(r["eos"] for r in recs) and split["dropped"]["no_eos"] == sum(not r["eos"] for r in recs)

