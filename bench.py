@@ -27,6 +27,7 @@ import generate
 import prepare
 import train
 from configurator import UserError, configure, cli, defaults_from
+from model import KVCache
 
 quick = False            # the smoke preset
 device = "cpu"
@@ -39,6 +40,8 @@ gsm8k = "../shared/data/gsm8k/train.jsonl"   # for prepare.py's throughput (skip
 only = ""                # comma-separated names from RUNS (default: all); sft always runs (the reference)
 plot = "bench.png"       # accuracy against tokens/forward for every decoder row (needs matplotlib; "" = none)
 lora_rank = 32           # rank of the LoRA / gated LoRA runs from sft
+forward_cost = ""        # only r(k) of this model (an HF folder, a checkpoint or a .gguf file), then exit
+context = 200            # r(k): tokens in the KV cache before the timed forwards
 
 PRESETS = {  # model, data and budget; every mode gets the same
     "full": dict(toy_rows=20000, n_layer=4, n_head=4, n_kv_head=4, n_embd=128, max_iters=600, batch_size=16,
@@ -280,6 +283,30 @@ def hf_generate_speed(n=256, reps=3):
     return {"ours_tokens_per_s": tps["ours"], "hf_tokens_per_s": tps["hf"], "ratio": tps["ours"] / tps["hf"]}
 
 
+def forward_cost_ratios(model, context=200, ks=(1, 2, 4, 8, 16, 32), reps=7):
+    """r(k) = t(k) / t(1): one cached forward feeding k tokens after `context` tokens, against one
+    feeding a single token (medians of interleaved repeats; nothing is committed, so every forward
+    sees the same cache). A decoder that commits n tokens with forwards of k tokens gains about
+    n / r(k) over AR: the ceiling a drafter's tokens per forward buys on this machine."""
+    cfg, dev = model.config, next(model.parameters()).device
+    cache = KVCache(cfg, 1, context + max(ks), dev, next(model.parameters()).dtype)
+    g = torch.Generator().manual_seed(0)
+    times = {k: [] for k in ks}
+    with torch.no_grad():
+        model(torch.randint(0, cfg.vocab_size, (1, context), generator=g).to(dev), cache=cache)
+        cache.commit(context)
+        for _ in range(reps + 1):
+            for k in ks:
+                x = torch.randint(0, cfg.vocab_size, (1, k), generator=g).to(dev)
+                sync(str(dev))
+                t0 = time.perf_counter()
+                model(x, cache=cache)
+                sync(str(dev))
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    return {"context": context, "t1_ms": 1000 * med[1], "ratio": {str(k): med[k] / med[1] for k in ks}}
+
+
 def prepare_speed(path, tmp):
     """prepare.py's tokens/s on GSM8K train vs the bare tiktoken batch encoder on the same texts."""
     if not os.path.isfile(path):
@@ -362,6 +389,12 @@ def select_runs(b):
 
 def main(argv=None):
     b = configure(defaults_from(globals()), [a if a != "--quick" else "--quick=True" for a in (argv or sys.argv[1:])])
+    if b.forward_cost:   # r(k) of one model, alone
+        model, _, _ = generate.load(b.forward_cost, b.device)
+        r = forward_cost_ratios(model, b.context)
+        print(f"{b.forward_cost}: t(1) {r['t1_ms']:.1f} ms after {b.context} tokens; r(k) = t(k)/t(1): " +
+              ", ".join(f"k={k} {v:.2f}" for k, v in r["ratio"].items()))
+        return print(json.dumps({"forward_cost": r, "device": b.device, "threads": torch.get_num_threads()}))
     runs = select_runs(b)
     if b.quick:
         b.eval_n, b.speed_n, b.time_steps, b.lora_rank = 16, 8, 2, 4
@@ -375,6 +408,7 @@ def main(argv=None):
     res["decoding"] = decode_all(b, data_dir, tmp, runs)   # first: the LoRA runs' step is timed on the sft model
     res["training"] = time_training(b, data_dir, tmp, runs)
     res["padding"] = padding(data_dir, b)
+    res["forward_cost"] = forward_cost_ratios(generate.load(run_dir(tmp, "sft"), b.device)[0], b.context)
     res["hf_generate"] = hf_generate_speed() if not b.only else None
     res["prepare_gsm8k"] = prepare_speed(b.gsm8k, tmp) if not b.only else None
     res["seconds"] = round(time.time() - t0, 1)
@@ -383,6 +417,9 @@ def main(argv=None):
     if h:
         print(f"\nstories260K greedy decoding: ours {h['ours_tokens_per_s']:,.0f} tok/s, transformers generate "
               f"{h['hf_tokens_per_s']:,.0f} tok/s ({h['ratio']:.2f}x)")
+    r = res["forward_cost"]
+    print(f"sft model, one forward of k tokens after {r['context']}: r(k) = t(k)/t(1) " +
+          ", ".join(f"k={k} {v:.2f}" for k, v in r["ratio"].items()))
     if res["prepare_gsm8k"]:
         p = res["prepare_gsm8k"]
         print(f"prepare.py on GSM8K: {p['prepare_tokens_per_s']:,.0f} tok/s, bare tokenizer "

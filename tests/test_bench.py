@@ -27,6 +27,8 @@ def test_bench_quick_json_has_every_field(tmp_path):
             if "diffusion" not in name:   # diffusion checkpoints have no AR decoding to compare with
                 assert "speedup_vs_ar" in r["1"] and "speedup_vs_ar" in r["8"]
     assert res["hf_generate"]["ratio"] > 0
+    r = res["forward_cost"]["ratio"]
+    assert r["1"] == 1.0 and set(r) == {"1", "2", "4", "8", "16", "32"} and all(v > 0 for v in r.values())
     # values that can be wrong: ratios against the numbers they are ratios of, AR at one token a forward
     sft = res["training"]["sft"]
     for r in res["training"].values():
