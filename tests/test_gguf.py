@@ -57,3 +57,31 @@ def test_gguf_self_distillation_round_trip(gguf, tmp_path):
     meta = json.load(open(os.path.join(d, "meta.json")))
     assert meta["tokenizer"] == find_checkpoint(gguf) and meta["eos_id"] == 2   # <|im_end|>
     assert {r["eos"] for r in recs} == {True, False}, recs
+
+
+def test_gated_verify_on_smollm2_is_its_ar_greedy(gguf):
+    """Gated LoRA + sampler head on the real model, adapters random (drafts wrong as often as
+    right): blockwise --verify returns exactly the plain model's AR greedy, batch = single."""
+    from generate import decode_blockwise
+    folder = find_checkpoint(gguf)
+    base = load_checkpoint(folder).eval()
+    vocab = base.config.vocab_size   # no mask token: MASK is a new id past the vocabulary
+    model = load_checkpoint(folder)
+    model.resize_vocab(vocab + 1)
+    model.add_lora(4, 16.0, 0.0, "all-linear", vocab, gated=True, sampler_head=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.startswith("sampler_head."):
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    model.eval()
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                       return_dict=True)["input_ids"] for q in ("What is 2+2?", "Tell me a fact about the moon.")]
+    info = {"block_size": 4, "eos_ids": [tok.eos_token_id], "mask_id": vocab, "vocab_size": vocab}
+    want = decode_ar(base, prompts, Decoding(max_new_tokens=24), info)
+    got = decode_blockwise(model, prompts, Decoding(max_new_tokens=24, verify=True), info)
+    assert [r[0] for r in got] == [r[0] for r in want]
+    assert [decode_blockwise(model, [p], Decoding(max_new_tokens=24, verify=True), info)[0] for p in prompts] == got
+    assert sum(r[1] for r in got) <= sum(r[1] for r in want)
