@@ -376,8 +376,11 @@ def gguf_folder(path):
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if not os.path.isdir(folder):   # another process may have written it meanwhile
+    try:
         os.rename(tmp, folder)
+    except OSError:   # another process (a torchrun rank) wrote it meanwhile: keep that one
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise
     shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
@@ -494,6 +497,8 @@ def restore_aside(out_dir):
         final = os.path.join(out_dir, d[:-len(".old")])
         if d.endswith(".old") and not os.path.exists(final):
             os.rename(os.path.join(out_dir, d), final)
+        elif d.endswith(".old"):   # killed after both renames: the new copy is whole
+            shutil.rmtree(os.path.join(out_dir, d))
 
 
 def barrier():
@@ -510,6 +515,8 @@ def export(c, raw, rank, tok, info):
     if rank == 0:
         hf = os.path.join(c.out_dir, "hf")
         state = raw.merged_state(msd) if raw.lora_config else msd
+        for d in (hf, os.path.join(c.out_dir, "adapter")):   # a killed export's leftovers
+            shutil.rmtree(d + ".tmp", ignore_errors=True)
         save_pretrained(raw, hf + ".tmp", bos_id=info["bos_id"], eos_id=info["eos_id"], state_dict=state)
         tok.save(hf + ".tmp")
         replace_dir(hf + ".tmp", hf)

@@ -689,7 +689,7 @@ def decode_and_score(model, info, tok, c, items, generator=None):
             # the prompt as given (string or chat list) and the exact tokens: prepare.py reads this
             # back (--response_key=completion) as training rows holding what the model produced
             rec = {"prompt": prompt, "completion": tok.decode(body), "completion_ids": body, "eos": ended,
-                   "tokens": len(ids), "forwards": fw}
+                   **({"eos_id": ids[-1]} if ended else {}), "tokens": len(ids), "forwards": fw}
             comp = rec["completion"]
             if ref is not None:
                 rec["answer"] = ref if isinstance(ref, str) else str(ref)

@@ -292,13 +292,16 @@ class ShardWriter:
 def decoded_response(row, cfg, tok):
     """(the response's token ids when the row carries them, else None; whether it ends with EOS).
     generate.py --out writes completion_ids, the exact tokens the model produced: encoding the
-    text again could tokenize it otherwise. A row whose eos_key is false did not end with EOS."""
+    text again could tokenize it otherwise; such a row must say whether it ended with EOS (eos_key),
+    and ends with the EOS id it names (eos_id). A row whose eos_key is false did not end with EOS."""
     if not isinstance(row, dict):
         return None, True   # row_texts names what is wrong with it
     ids = row.get(cfg.response_key + "_ids")
     if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) and 0 <= t < tok.vocab_size
                                                                  for t in ids)):
         raise ValueError(f"{cfg.response_key + '_ids'!r} should be a list of token ids below {tok.vocab_size}")
+    if ids is not None and cfg.eos_key and cfg.eos_key not in row:
+        raise ValueError(f"has {cfg.response_key + '_ids'!r} but no {cfg.eos_key!r}: whether it ended with EOS is unknown")
     ended = row.get(cfg.eos_key, True) if cfg.eos_key else True
     if not isinstance(ended, bool):
         raise ValueError(f"{cfg.eos_key!r} should be true or false, got {ended!r}")
@@ -316,7 +319,8 @@ def process_chunk(tok, chunk, writers, stats, cfg, val_rows):
     p_ids = tok.encode_batch([c[2] for c in chunk], prompt=True)
     r_ids = tok.encode_batch([c[3] for c in chunk])
     for (split, row, _, _, ids, ended), p, r in zip(chunk, p_ids, r_ids):
-        r = (ids if ids is not None else r) + ([tok.eos_id] if ended else [])
+        eos = row.get("eos_id", tok.eos_id) if ids is not None else tok.eos_id   # the EOS the model emitted
+        r = (ids if ids is not None else r) + ([eos] if ended else [])
         if len(p) + len(r) > cfg.max_length:
             stats[split]["dropped"]["too_long"] = stats[split]["dropped"].get("too_long", 0) + 1
             continue

@@ -436,7 +436,11 @@ def evaluate(model, val, c, world, rank, autocast):
     model.eval()
     micro = validation_batches(val, c)
     mine = range(rank, -(-len(micro) // world) * world, world)
-    counts = global_counts([val.build(micro[m]) for m in mine if m < len(micro)], c)
+    local = {}   # this rank's counts; a repeated micro-batch counts 0, but its keys are there (all_reduce)
+    for m in mine:
+        for k, v in MODES[c.mode]["counts"](val.build(micro[m % len(micro)]), c).items():
+            local[k] = local.get(k, 0) + v * (m < len(micro))
+    counts = dict(zip(sorted(local), all_reduce([local[k] for k in sorted(local)], c.device)))
     norm = {k: max(v, 1.0) for k, v in counts.items()}
     total = {}
     for m in mine:

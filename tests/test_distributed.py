@@ -155,20 +155,22 @@ def test_torchrun_nccl_on_cuda(data, tmp_path):
 def test_ddp_trains_the_mask_row_through_micro_batches_without_mask(data, tmp_path):
     """LoRA in interleaved mode trains the MASK row; an example with a one-token response has no
     slot, so a micro-batch of such examples holds no MASK, and DDP must still find every trainable
-    tensor in the graph. DDP = one process."""
+    tensor in the graph. DDP = one process; so is validation over fewer micro-batches than ranks."""
     d = tmp_path / "short"
     shutil.copytree(data, d)
     idx = np.array(np.load(d / "train.idx.npy"))
     idx[::2, 2] = idx[::2, 1] + 1   # (start, prompt_len, length): every other response one token
     np.save(d / "train.idx.npy", idx)
     args = ["--mode=interleaved", "--block_size=4", f"--init_from={STORIES}", "--lora_rank=4", "--pack=False",
-            "--batch_size=1", "--max_iters=4", "--eval_interval=0", "--save_interval=100"]
+            "--batch_size=1", "--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--save_interval=100"]
     c = train.resolve(configure(defaults_from(vars(train)), [f"--data_dir={d}", f"--out_dir={tmp_path}/x",
                                                              *COMMON, *args]), 2, {"eos_id": 0, "mask_id": 1})
     shards = train.Shards(str(d), "train")
     no_mask = [all(shards.index[i][2] - shards.index[i][1] == 1 for row in rows for i in row)
                for s in range(3) for r in (0, 1) for _, rows in train.Batches(shards, c, 2, r).step(s)]
     assert any(no_mask) and not all(no_mask)   # the case: some ranks' micro-batches (not the last step's) hold no MASK
-    run(str(d), tmp_path / "single", *args)
-    run(str(d), tmp_path / "ddp", *args, prefix=TORCHRUN)
+    single = run(str(d), tmp_path / "single", *args)
+    ddp = run(str(d), tmp_path / "ddp", *args, prefix=TORCHRUN)
     assert np.allclose(losses(tmp_path / "ddp"), losses(tmp_path / "single"), rtol=0, atol=1e-5)
+    # one validation micro-batch on two ranks: rank 1 has none of its own and still takes part
+    assert len(val_losses(single)) == 3 and val_losses(ddp) == val_losses(single)

@@ -201,7 +201,8 @@ def check_round_trip(init_from, recs, data_dir):
         tokens, plen = shards.example(i)
         fed = generate.encode_prompts(tok, [(rec["prompt"], None)], info)[0][1]
         assert tokens[:plen].tolist() == fed
-        assert tokens[plen:].tolist() == rec["completion_ids"] + ([tok.eos_id] if rec["eos"] else [])
+        assert tokens[plen:].tolist() == rec["completion_ids"] + ([rec["eos_id"]] if rec["eos"] else [])
+        assert not rec["eos"] or rec["eos_id"] in info["eos_ids"]
 
 
 def test_self_distillation_round_trip_byte(tmp_path):
