@@ -384,12 +384,13 @@ class Backward:
         return self.no_sync() if flag and self.no_sync else nullcontext()
 
 
-def global_counts(batches, c):
-    """What each batch supervises (the mode's counts), summed over batches and ranks."""
+def global_counts(batches, c, weights=None):
+    """What each batch supervises (the mode's counts), summed over batches and ranks; a batch of
+    weight 0 adds nothing but its keys (every rank all-reduces the same ones)."""
     counts = {}
-    for b in batches:
+    for b, w in zip(batches, weights or [1] * len(batches)):
         for k, v in MODES[c.mode]["counts"](b, c).items():
-            counts[k] = counts.get(k, 0) + v
+            counts[k] = counts.get(k, 0) + v * w
     keys = sorted(counts)
     return dict(zip(keys, all_reduce([counts[k] for k in keys], c.device)))
 
@@ -436,11 +437,7 @@ def evaluate(model, val, c, world, rank, autocast):
     model.eval()
     micro = validation_batches(val, c)
     mine = range(rank, -(-len(micro) // world) * world, world)
-    local = {}   # this rank's counts; a repeated micro-batch counts 0, but its keys are there (all_reduce)
-    for m in mine:
-        for k, v in MODES[c.mode]["counts"](val.build(micro[m % len(micro)]), c).items():
-            local[k] = local.get(k, 0) + v * (m < len(micro))
-    counts = dict(zip(sorted(local), all_reduce([local[k] for k in sorted(local)], c.device)))
+    counts = global_counts([val.build(micro[m % len(micro)]) for m in mine], c, [int(m < len(micro)) for m in mine])
     norm = {k: max(v, 1.0) for k, v in counts.items()}
     total = {}
     for m in mine:
