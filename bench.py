@@ -25,6 +25,7 @@ import torch
 
 import generate
 import prepare
+import batching
 import train
 from configurator import UserError, configure, cli, defaults_from
 from model import KVCache
@@ -149,10 +150,10 @@ def time_training(b, data_dir, tmp, runs):
         c = train_config(b, data_dir, os.path.join(tmp, "timing"), name, overrides)
         meta = json.load(open(os.path.join(data_dir, "meta.json")))
         c = train.resolve(c, 1, meta)
-        shards = train.Shards(data_dir, "train")
-        batches = train.Batches(shards, c, 1, 0)
+        shards = batching.Shards(data_dir, "train")
+        batches = batching.Batches(shards, c, 1, 0)
         n_ex = 3 * c.batch_size   # the same examples for every mode, packed by its own layout
-        rows = train.pack_rows(batches.lengths[:n_ex], c.max_length, True, np.random.default_rng(0))
+        rows = batching.pack_rows(batches.lengths[:n_ex], c.max_length, True, np.random.default_rng(0))
         batch = batches.build(rows)
         data_tokens = int(sum(shards.index[i][2] for i in range(n_ex)))
         torch.manual_seed(0)
@@ -195,8 +196,8 @@ def sync(dev):
 def padding(data_dir, b):
     """Padding fraction of an sft epoch, packed vs one example per row (padded to the batch's longest)."""
     c = train.resolve(train_config(b, data_dir, "", "sft", {}), 1)
-    lengths = train.Batches(train.Shards(data_dir, "train"), c, 1, 0).lengths
-    packed = train.pack_rows(lengths, c.max_length, True, np.random.default_rng(0))
+    lengths = batching.Batches(batching.Shards(data_dir, "train"), c, 1, 0).lengths
+    packed = batching.pack_rows(lengths, c.max_length, True, np.random.default_rng(0))
     pad_packed = 1 - lengths.sum() / (len(packed) * c.max_length)
     order = np.random.default_rng(0).permutation(len(lengths))
     groups = [order[i:i + c.batch_size] for i in range(0, len(order), c.batch_size)]
@@ -264,7 +265,7 @@ def hf_generate_speed(n=256, reps=3):
     """stories260K greedy decoding, 256 tokens from "Once upon a time": our KV cache vs
     transformers' generate, same process, same threads; medians of interleaved repeats."""
     import transformers
-    from checkpoint import from_pretrained
+    from hf import from_pretrained
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "stories260K")
     ids = transformers.AutoTokenizer.from_pretrained(path)("Once upon a time", return_tensors="pt").input_ids
     hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()

@@ -124,14 +124,16 @@ def diffusion_layout(tokens, plen, c):
     r = np.arange(R)
     blk = r // c.block_size if c.block_size else np.zeros(R, np.int64)
     back = np.full(R, -1 if c.shift else 0)
-    parts = [(tokens[:plen], np.arange(plen), np.full(plen, -1), False, np.zeros(plen, np.int64))]
+
+    def part(ids, pos, blk, noised, back):
+        return {"idx": ids, "pos": pos, "blk": blk, "resp": np.full(len(ids), noised), "back": back}
+    parts = [part(tokens[:plen], np.arange(plen), np.full(plen, -1), False, np.zeros(plen, np.int64))]
     if c.block_size:
         first = c.shift & (r % c.block_size == 0)   # noised copy sits R after the clean one
-        parts.append((resp_idx, plen + r, blk, False, np.zeros(R, np.int64)))
+        parts.append(part(resp_idx, plen + r, blk, False, np.zeros(R, np.int64)))
         back = np.where(first, -R - 1, back)
-    parts.append((resp_idx, plen + r, blk, True, back))
-    idx, pos, blk, resp, back = (np.concatenate(x) for x in zip(*[(a, p, k, np.full(len(a), n), bk)
-                                                                  for a, p, k, n, bk in parts]))
+    parts.append(part(resp_idx, plen + r, blk, True, back))
+    idx, pos, blk, resp, back = (np.concatenate([p[k] for p in parts]) for k in ("idx", "pos", "blk", "resp", "back"))
     real = np.concatenate([np.zeros(plen, bool)] + [r < len(tokens) - plen] * (len(parts) - 1))
     ar = np.full(len(idx), -100)   # causal clean stream: position j predicts clean token j+1 (real ones)
     if c.causal_clean:
@@ -291,9 +293,11 @@ def gated_slot_forward(model, b, c, loss=False):
                             physical(cl["sj"], sl["sj"]))
     prev = None
     if c.sampler_head:   # the token at s+j: the clean token at the slot's position in its document
-        first = torch.full((B, int(cl["doc"].max()) + 3), Lc, device=dev).scatter_reduce(
-            1, cl["doc"] + 2, torch.arange(Lc, device=dev).expand(B, Lc), "amin")
-        prev = cl["idx"].gather(1, (first.gather(1, sl["doc"] + 2) + sl["pos"]).clamp(max=Lc - 1))[sel]
+        D = int(max(cl["doc"].max(), sl["doc"].max())) + 1   # documents 0..D-1; column D: split_rows's padding
+        col = lambda doc: torch.where(doc >= 0, doc, D)
+        start = torch.full((B, D + 1), Lc, device=dev).scatter_reduce(   # where each document's clean tokens begin
+            1, col(cl["doc"]), torch.arange(Lc, device=dev).expand(B, Lc), "amin")
+        prev = cl["idx"].gather(1, (start.gather(1, col(sl["doc"])) + sl["pos"]).clamp(max=Lc - 1))[sel]
     tgt = sl["tgt"][sel]
     out = model(sl["idx"], sl["pos"], mask, cache=cache, select=sel, prev=prev, targets=tgt if loss else None)
     return out, tgt, sl["sj"][sel]

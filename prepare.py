@@ -45,7 +45,7 @@ class Tokenizer:
 
     def __init__(self, spec):
         if spec.endswith(".gguf"):   # llama.cpp's file: its tokenizer, as an HF folder
-            from checkpoint import gguf_folder
+            from hf import gguf_folder
             spec = gguf_folder(spec)
         self.spec, self.hf, self.template = spec, None, None
         if spec in ("byte", "gpt2"):
@@ -399,7 +399,7 @@ def check_out_dir(cfg):
 
 def tokenizer_spec(spec):
     if spec.endswith(".gguf"):
-        from checkpoint import gguf_folder
+        from hf import gguf_folder
         return gguf_folder(spec)
     return os.path.abspath(spec) if os.path.isdir(spec) else spec
 

@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import objectives
+import batching
 import train
 from conftest import EAGER_FLEX, STORIES, Recorder
 from reference import reference_ar
 from configurator import configure, defaults_from
 from generate import Decoding, choose, decode_blocks, decode_blocks_verified, decode_diffusion
-from checkpoint import from_pretrained
+from hf import from_pretrained
 from model import ModelConfig, Transformer, bidirectional_mask, block_causal_mask, block_diffusion_mask, dense_mask
 
 EOS, MASK = 256, 257
@@ -33,7 +34,7 @@ def tiny_model(seed=0):
 def batch(c):
     rng = np.random.default_rng(1)
     rows = [[objectives.diffusion_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in ((5, 7), (3, 4))]]
-    return train.collate(rows, 40, EOS)
+    return batching.collate(rows, 40, EOS)
 
 
 @pytest.mark.parametrize("weighting", ["original", "linear", "cart"])
@@ -231,7 +232,7 @@ def block_batch(shift, B=4, causal=False, **kw):
     c = cfg(mode="diffusion", block_size=B, shift=shift, gen_length=0, causal_clean=causal, **kw)
     rng = np.random.default_rng(2)
     rows = [[objectives.diffusion_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in ((5, 7), (3, 9))]]
-    return c, train.collate(rows, 64, EOS)
+    return c, batching.collate(rows, 64, EOS)
 
 
 @EAGER_FLEX
@@ -351,7 +352,7 @@ def test_probe_scores_the_next_token_after_a_clean_prefix(B, shift):
     rng = np.random.default_rng(4)
     shapes = ((5, 7), (3, 4), (4, 13))                 # (prompt, real response): padded to 12, 12, 16
     lays = [objectives.diffusion_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in shapes]
-    b = train.collate([lays], 96, EOS)
+    b = batching.collate([lays], 96, EOS)
     m, seen = tiny_model(2), {k: set() for k in range(3)}
     norm = {k: float(v) for k, v in train.MODES["diffusion"]["counts"](b, c).items()}   # real: the weights' total
     for seed in range(12):

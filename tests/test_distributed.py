@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, STORIES, run_script
 
 import prepare
+import batching
 import train
 from configurator import configure, defaults_from
 
@@ -31,8 +32,8 @@ def val_rows(data):
     """The number of packed validation rows (micro-batches at batch_size=1)."""
     c = train.resolve(configure(defaults_from(vars(train)), [f"--data_dir={data}", "--max_length=256",
                                                              f"--out_dir={data}/none"]), 1, {"eos_id": 0})
-    lengths = train.Batches(train.Shards(data, "val"), c, 1, 0).lengths
-    return len(train.pack_rows(lengths, 256, True, np.random.default_rng(train.PAD_SEED)))
+    lengths = batching.Batches(batching.Shards(data, "val"), c, 1, 0).lengths
+    return len(batching.pack_rows(lengths, 256, True, np.random.default_rng(train.PAD_SEED)))
 
 
 def odd_batch_size(data):
@@ -165,9 +166,9 @@ def test_ddp_trains_the_mask_row_through_micro_batches_without_mask(data, tmp_pa
             "--batch_size=1", "--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--save_interval=100"]
     c = train.resolve(configure(defaults_from(vars(train)), [f"--data_dir={d}", f"--out_dir={tmp_path}/x",
                                                              *COMMON, *args]), 2, {"eos_id": 0, "mask_id": 1})
-    shards = train.Shards(str(d), "train")
+    shards = batching.Shards(str(d), "train")
     no_mask = [all(shards.index[i][2] - shards.index[i][1] == 1 for row in rows for i in row)
-               for s in range(3) for r in (0, 1) for _, rows in train.Batches(shards, c, 2, r).step(s)]
+               for s in range(3) for r in (0, 1) for _, rows in batching.Batches(shards, c, 2, r).step(s)]
     assert any(no_mask) and not all(no_mask)   # the case: some ranks' micro-batches (not the last step's) hold no MASK
     single = run(str(d), tmp_path / "single", *args)
     ddp = run(str(d), tmp_path / "ddp", *args, prefix=TORCHRUN)

@@ -8,6 +8,7 @@ from conftest import EAGER_FLEX
 
 import prepare
 import objectives
+import batching
 import train
 from configurator import configure, defaults_from
 from generate import Decoding, decode_ar, decode_blockwise
@@ -57,7 +58,7 @@ def test_dense_and_flex_agree_packed_ragged(B):
         examples = [(rng.integers(0, 200, size=p + r).tolist(), p) for p, r in ((3, 2 * B + 1), (5, B + 2), (2, 3))]
         rows.append([layout(tok, p, B) | {} for tok, p in examples])
     T = max(sum(len(l["idx"]) for l in r) for r in rows) + 5
-    b = train.collate(rows, T, EOS)
+    b = batching.collate(rows, T, EOS)
     mm = interleaved_mask(b["doc"], b["pos"], b["slot"], b["sj"])
     g = torch.Generator().manual_seed(B)
     q, k, v = (torch.randn(2, 2, T, 8, generator=g) for _ in range(3))

@@ -8,7 +8,7 @@ from conftest import EAGER_FLEX, STORIES, assert_clean_error, run_script
 import transformers
 from generate import Decoding, decode_ar
 from reference import reference_ar
-from checkpoint import from_pretrained, save_pretrained
+from hf import from_pretrained, save_pretrained
 from model import KVCache, ModelConfig, Transformer, bidirectional_mask, causal_mask, dense_mask
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from types import SimpleNamespace
@@ -214,7 +214,7 @@ def test_compiled_flex_on_cuda_matches_dense_bf16():
     for packed causal rows and for the interleaved next-block mask."""
     import numpy as np
     import objectives
-    import train
+    import batching
     from model import interleaved_mask
     torch.manual_seed(0)
     m = Transformer(ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)).cuda()
@@ -224,7 +224,7 @@ def test_compiled_flex_on_cuda_matches_dense_bf16():
     rng = np.random.default_rng(0)
     rows = [[objectives.interleaved_layout(rng.integers(0, 256, size=p + r), p, c) for p, r in ((20, 37), (9, 50), (30, 11))]
             for _ in range(2)]
-    b = {k: v.cuda() for k, v in train.collate(rows, 256, 256).items()}
+    b = {k: v.cuda() for k, v in batching.collate(rows, 256, 256).items()}
     for mm in (causal_mask(b["doc"]), interleaved_mask(b["doc"], b["pos"], b["slot"], b["sj"])):
         outs, grads = [], []
         for backend in ("sdpa", "flex"):

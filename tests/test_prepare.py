@@ -191,11 +191,11 @@ def check_round_trip(init_from, recs, data_dir):
     """Each training row holds exactly the tokens decoding fed (the prompt) and produced (the
     completion, and EOS only where the model emitted one)."""
     import generate
-    import train
+    import batching
     from checkpoint import find_checkpoint, load_info
     info = load_info(find_checkpoint(init_from))
     tok = prepare.Tokenizer(info["tokenizer_path"])
-    shards = train.Shards(data_dir, "train")
+    shards = batching.Shards(data_dir, "train")
     assert len(shards) == len(recs)
     for i, rec in enumerate(recs):
         tokens, plen = shards.example(i)

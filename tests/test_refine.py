@@ -7,6 +7,7 @@ import torch
 
 import prepare
 import objectives
+import batching
 import train
 from bench import SavedBytes
 from conftest import Recorder
@@ -23,7 +24,7 @@ def batch(n_rows=2):
     c = SimpleNamespace(mask_id=257)
     rows = [[objectives.refine_layout(rng.integers(0, 200, size=p + r), p, c) for p, r in ((6, 9), (4, 12))]
             for _ in range(n_rows)]
-    return train.collate(rows, 50, EOS)
+    return batching.collate(rows, 50, EOS)
 
 
 def model(seed=0):

@@ -10,9 +10,11 @@ from conftest import ROOT, assert_clean_error, checkpoint_tensors, run_script
 
 import prepare
 import objectives
+import batching
 import train
 from configurator import configure, defaults_from
-from checkpoint import from_pretrained, load_checkpoint
+from checkpoint import load_checkpoint
+from hf import from_pretrained
 from model import ModelConfig, Transformer, causal_mask
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--max_length=128", "--batch_size=4",
@@ -77,9 +79,9 @@ def test_packing_keeps_documents_apart(toy_data):
     c = configure(defaults_from(vars(train)), [f"--data_dir={toy_data}", "--max_length=128"])
     c = train.resolve(c, 1)
     c.eos_id = 256
-    shards = train.Shards(toy_data, "train")
+    shards = batching.Shards(toy_data, "train")
     T = sum(len(shards.example(i)[0]) for i in (0, 1)) + 7   # two documents and some padding
-    b = train.collate([[objectives.sft_layout(*shards.example(i), c) for i in (0, 1)]], T, 256)
+    b = batching.collate([[objectives.sft_layout(*shards.example(i), c) for i in (0, 1)]], T, 256)
     model = train.Transformer(train.ModelConfig(vocab_size=320, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
     model.init_weights(0)
     model.eval()
@@ -97,7 +99,7 @@ def test_packing_keeps_documents_apart(toy_data):
 
 def test_pack_rows_uses_every_example_once():
     lengths = np.random.default_rng(0).integers(10, 120, size=500)
-    rows = train.pack_rows(lengths, 256, True, np.random.default_rng(1))
+    rows = batching.pack_rows(lengths, 256, True, np.random.default_rng(1))
     flat = sorted(i for r in rows for i in r)
     assert flat == list(range(500))
     assert all(lengths[r].sum() <= 256 for r in rows)
@@ -161,7 +163,7 @@ def test_sft_acc_next_is_teacher_forced_argmax_accuracy():
             toks.append(greedy if len(toks) % 2 else int(rng.integers(0, 50)))
             hits, n = hits + (toks[-1] == greedy), n + 1
         lays.append(objectives.sft_layout(np.array(toks), p, c))
-    b = train.collate([lays], 24, 0)
+    b = batching.collate([lays], 24, 0)
     out = objectives.sft_loss(m, b, c, None, {"tgt": float(n)}, train.Backward())
     assert 0.4 < hits / n < 1 and math.isclose(out["acc_next"], hits / n, rel_tol=1e-6)
 
@@ -175,7 +177,7 @@ def test_torch_compile_matches_eager(toy_data, tmp_path):
 
 def test_epochs_keep_last_and_gradient_checkpointing(toy_data, tmp_path, monkeypatch):
     # epochs: max_iters=0 runs that many epochs of optimizer steps, packing each epoch once
-    packs, pack_rows = [], train.pack_rows
+    packs, pack_rows = [], batching.pack_rows
     monkeypatch.setattr(train, "pack_rows", lambda *a: packs.append(1) or pack_rows(*a))
     c = configure(defaults_from(vars(train)), [f"--data_dir={toy_data}", *TINY, "--max_iters=0", "--epochs=2",
                                                f"--out_dir={tmp_path}/e", "--save_interval=3", "--keep_last=2",
@@ -183,7 +185,7 @@ def test_epochs_keep_last_and_gradient_checkpointing(toy_data, tmp_path, monkeyp
     train.train(c)
     assert len(packs) <= 3   # once per epoch (a short epoch also packs the next, to top up)
     c = train.resolve(c, 1)
-    per_epoch = train.Batches(train.Shards(toy_data, "train"), c, 1, 0).steps_per_epoch
+    per_epoch = batching.Batches(batching.Shards(toy_data, "train"), c, 1, 0).steps_per_epoch
     assert [json.loads(l)["step"] for l in open(tmp_path / "e" / "log.jsonl")] == list(range(1, 2 * per_epoch + 1))
     # keep_last: only the newest checkpoints stay
     last = 2 * per_epoch
@@ -196,7 +198,7 @@ def test_gradient_checkpointing_same_gradients_less_saved_memory(toy_data):
     c = configure(defaults_from(vars(train)), [f"--data_dir={toy_data}", "--max_length=256"])
     c = train.resolve(c, 1)
     c.eos_id, c.mask_id = 256, 257
-    b = train.Batches(train.Shards(toy_data, "train"), c, 1, 0).build([[0, 1], [2]])
+    b = batching.Batches(batching.Shards(toy_data, "train"), c, 1, 0).build([[0, 1], [2]])
     grads, peak = {}, {}
     for ckpt in (False, True):
         torch.manual_seed(0)
@@ -254,7 +256,7 @@ def test_every_step_of_every_epoch_is_full_when_epochs_pack_differently(tmp_path
             "--batch_size=4", "--gradient_accumulation_steps=2", "--max_length=256", "--max_iters=0", "--epochs=4",
             "--eval_interval=0", "--log_interval=1000", "--save_interval=1000", "--seed=2"]   # epoch 1 packs short
     c = train.resolve(configure(defaults_from(vars(train)), args), 1)
-    b = train.Batches(train.Shards(str(d), "train"), c, 1, 0)
+    b = batching.Batches(batching.Shards(str(d), "train"), c, 1, 0)
     rows = [len(b.packing(e)) for e in range(4)]
     assert min(rows[1:]) < b.steps_per_epoch * 8 <= rows[0], rows   # the case: a later epoch packs short
     for s in range(4 * b.steps_per_epoch):
@@ -285,7 +287,7 @@ def test_decay_lr_mask_loss_weight_and_eps_do_what_they_say():
     c = configure(defaults_from(vars(train)), ["--mode=interleaved", "--block_size=4", "--mask_loss_weight=0.25"])
     c.eos_id, c.mask_id = 256, 257
     rng = np.random.default_rng(0)
-    b = train.collate([[objectives.interleaved_layout(rng.integers(0, 250, size=p + r), p, c) for p, r in ((5, 9), (4, 12))]],
+    b = batching.collate([[objectives.interleaved_layout(rng.integers(0, 250, size=p + r), p, c) for p, r in ((5, 9), (4, 12))]],
                       64, 256)
     norm = {k: float(max(v, 1)) for k, v in objectives.count_interleaved(b, c).items()}
     m = Transformer(ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_kv_head=2, n_embd=16)).init_weights(0)
@@ -295,7 +297,7 @@ def test_decay_lr_mask_loss_weight_and_eps_do_what_they_say():
     # eps: t ~ U(eps, 1), so eps near 1 masks every response token
     c = configure(defaults_from(vars(train)), ["--mode=diffusion", "--block_size=0", "--gen_length=16", "--eps=0.999999"])
     c.eos_id, c.mask_id = 256, 257
-    b = train.collate([[objectives.diffusion_layout(rng.integers(0, 250, size=12), 4, c)]], 32, 256)
+    b = batching.collate([[objectives.diffusion_layout(rng.integers(0, 250, size=12), 4, c)]], 32, 256)
     rec = Recorder(m)
     objectives.diffusion_loss(rec, b, c, torch.Generator().manual_seed(0), {"tgt": 16.0, "ar": 1.0}, train.Backward())
     assert (rec.inputs[0][b["resp"]] == 257).all() and (rec.inputs[0][~b["resp"]] != 257).all()
