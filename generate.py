@@ -30,6 +30,7 @@ prompt_key = ""            # column names for --data (default: the ones the chec
 answer_key = ""
 limit = 0                  # evaluate only the first N rows of --data (0 = all)
 out = ""                   # jsonl with one line per prompt
+same_as = ""               # an earlier --out (AR's, say): count the completions identical to its rows
 max_new_tokens = 256
 temperature = 0.0          # 0 = greedy
 top_p = 1.0
@@ -155,9 +156,9 @@ def decode_ar(model, prompts, c, info, generator=None):
     eos = set(info["eos_ids"])
     idx, lens = right_pad(prompts, 0, dev)
     cache = KVCache(model.config, B, idx.shape[1] + c.max_new_tokens + 1, dev, model.lm_head.weight.dtype)
-    logits = model(idx, cache=cache)
+    at_last = torch.arange(idx.shape[1], device=dev) == lens[:, None] - 1
+    last = model(idx, cache=cache, select=at_last)   # the head at each row's last prompt token only
     cache.commit(lens)
-    last = logits[torch.arange(B, device=dev), lens - 1]
     out, forwards, done = [[] for _ in range(B)], [1] * B, [False] * B
     for _ in range(c.max_new_tokens):
         tok = sample(clean_logits(last, info), c.temperature, c.top_p, generator)
@@ -193,44 +194,38 @@ def block_chunk(verified, drafts, start, k, tree=True):
     return idx, pos, slot, sj
 
 
-def accept(clean_logits_row, slot_logits, drafts, c, eos, generator):
-    """Tokens accepted this step from one row's logits. clean_logits_row (m+1, V): predictions after
-    the last verified token and after each of the m drafts; slot_logits(group, anchor) -> (k, V):
-    a slot group's logits given the token before it (see group_drafter).
-    Returns (accepted tokens, number of drafts accepted, next drafts)."""
-    if c.verify:  # longest draft prefix that AR greedy agrees with, plus one token of its own
-        toks, a, _ = verify_draft(clean_logits_row, drafts, eos)
-        if not c.draft_tree:  # only the all-accepted group was drafted
-            return toks, a, slot_logits(0, toks[-1]).argmax(-1).tolist() if a == len(drafts) else []
-        return toks, a, slot_logits(a, toks[-1]).argmax(-1).tolist()
-    first = int(sample(clean_logits_row[0], c.temperature, c.top_p, generator))
-    out = [first]
-    probs = torch.softmax(slot_logits(0, first), -1)
-    for j in range(probs.shape[0]):  # early block stop: the first slot below threshold ends the block
-        if out[-1] in eos:
-            break
-        p, t = probs[j].max(-1)
-        if p < c.threshold:
-            break
-        out.append(int(t))
-    return out, 0, []
+def accept_first(clean, drafts, c, eos, generator):
+    """A row's tokens from its clean logits (m+1, V): the predictions after the last verified token
+    and after each of its m drafts. verify: the longest draft prefix AR greedy agrees with, plus
+    greedy's own next token; else one sampled token. Returns (tokens, drafts accepted, the slot
+    group that drafts the tokens after them: None where no group was drafted for them)."""
+    if c.verify:
+        toks, a, _ = verify_draft(clean, drafts, eos)
+        return toks, a, (a if c.draft_tree else 0 if a == len(drafts) else None)
+    return [int(sample(clean[0], c.temperature, c.top_p, generator))], 0, 0
 
 
-def group_drafter(model, logits, hidden, info):
-    """slot_logits(group, anchor) for one row's slot groups: logits (groups, k, V). With a sampler
-    head (Apple's), slot j is conditioned on the token drafted before it (the anchor, the token
-    accepted just before the group, for j = 0): a greedy chain over hidden (groups, k, C)."""
+def draft_logits(model, h, anchors, info):
+    """Slot logits (N, k, V) of N slot groups h (N, k, C). With a sampler head (Apple's), slot j is
+    conditioned on the token drafted before it (the anchor, the token accepted just before the
+    group, for j = 0): a greedy chain, one head call per slot for all groups at once."""
     if model.sampler_head is None:
-        return lambda group, anchor: logits[group]
+        return clean_logits(model.head(h), info)
+    out, prev = [], torch.tensor(anchors, device=h.device)
+    for j in range(h.shape[1]):
+        out.append(clean_logits(model.head(h[:, j], prev), info))
+        prev = out[-1].argmax(-1)
+    return torch.stack(out, 1)
 
-    def chain(group, anchor):
-        out, prev = [], anchor
-        for h in hidden[group]:
-            z = model.sampler_head(h, model.embed_tokens(torch.tensor(prev, device=h.device)))
-            out.append(clean_logits(model.lm_head(z), info))
-            prev = int(out[-1].argmax())
-        return torch.stack(out)
-    return chain
+
+def extend_by_threshold(toks, probs, threshold, eos):
+    """Early block stop: slot tokens are accepted while the most likely one has p >= threshold
+    (and the block has not ended)."""
+    for p, t in zip(*probs.max(-1)):
+        if toks[-1] in eos or p < threshold:
+            break
+        toks.append(int(t))
+    return toks
 
 
 @torch.inference_mode()
@@ -239,7 +234,9 @@ def decode_blockwise(model, prompts, c, info, generator=None, cache=None, stats=
     (the prompt at first), its drafts (verify only) and MASK slot groups, in one forward; rows
     advance by different amounts. Only verified tokens are committed to the cache: slots and
     rejected drafts are written past the committed length and overwritten by the next step.
-    stats: a dict that receives the histogram of tokens accepted per row per forward."""
+    The head runs only where it is read: every row's clean predictions in one call, then the one
+    slot group each row uses. stats: a dict that receives the histogram of tokens accepted per
+    row per forward."""
     if c.verify and c.temperature > 0:
         raise UserError("--verify reproduces greedy decoding: use --temperature=0")
     k, n, dev = info["block_size"] - 1, len(prompts), model.lm_head.weight.device
@@ -249,25 +246,28 @@ def decode_blockwise(model, prompts, c, info, generator=None, cache=None, stats=
     verified, drafts = [list(p) for p in prompts], [[] for _ in range(n)]
     out, forwards, done = [[] for _ in range(n)], [0] * n, [False] * n
     while not all(done):
-        lens = cache.length.tolist()
+        lens, live = cache.length.tolist(), [b for b in range(n) if not done[b]]
         rows = [block_chunk(verified[b], drafts[b], lens[b], k, c.draft_tree) if not done[b] else ([], [], [], [])
                 for b in range(n)]
-        logits, hidden = blockwise_forward(model, cache, rows, info["mask_id"])
-        logits = clean_logits(logits, info)
+        hidden = blockwise_forward(model, cache, rows, info["mask_id"])
+        at = {b: (len(verified[b]), len(drafts[b])) for b in live}   # clean predictions: hidden[b, v-1:v+m]
+        clean = clean_logits(model.head(torch.cat([hidden[b, v - 1:v + m] for b, (v, m) in at.items()])), info)
+        first = {b: accept_first(x, drafts[b], c, eos, generator)
+                 for b, x in zip(live, clean.split([m + 1 for _, m in at.values()]))}
+        grouped = [b for b in live if first[b][2] is not None]   # rows that read a slot group: all rows' at once
+        h = [hidden[b, sum(at[b]) + first[b][2] * k:][:k] for b in grouped]   # group g starts k * g after the drafts
+        anchors = [first[b][0][-1] for b in grouped]
+        slots = dict(zip(grouped, draft_logits(model, torch.stack(h), anchors, info))) if grouped else {}
         commit = [0] * n
-        for b in range(n):
-            if done[b]:
-                continue
-            m, v = len(drafts[b]), len(verified[b])
-            clean = logits[b, v - 1:v + m]
-            groups = m + 1 if c.draft_tree else 1
-            at = slice(v + m, v + m + groups * k)
-            slots = group_drafter(model, logits[b, at].view(groups, k, -1), hidden[b, at].view(groups, k, -1), info)
-            toks, a, nxt = accept(clean, slots, drafts[b], c, eos, generator)
+        for b in live:
+            toks, a, _ = first[b]
+            nxt = slots[b].argmax(-1).tolist() if b in slots else []
+            if not c.verify:
+                toks, nxt = extend_by_threshold(toks, torch.softmax(slots[b], -1), c.threshold, eos), []
             toks = toks[:c.max_new_tokens - len(out[b])]
             out[b] += toks
             # commit what was fed and verified, never past the (possibly truncated) output
-            commit[b], forwards[b] = min(v + a, len(prompts[b]) + len(out[b]) - lens[b]), forwards[b] + 1
+            commit[b], forwards[b] = min(at[b][0] + a, len(prompts[b]) + len(out[b]) - lens[b]), forwards[b] + 1
             count_accepted(stats, len(toks))
             done[b] = any(t in eos for t in toks) or len(out[b]) >= c.max_new_tokens
             verified[b], drafts[b] = (toks[-1:], nxt) if c.verify else (toks, [])
@@ -291,7 +291,7 @@ def blockwise_forward(model, cache, rows, mask_id):
         doc[b, L + w:], pos[b, L + w:] = 1, 0   # padding: its own document, seen by no real token
     new_pos = pos[np.arange(n)[:, None], np.minimum(np.array(lens)[:, None] + np.arange(T), S - 1)]
     t = lambda a: torch.from_numpy(a).to(cache.length.device)
-    return model(t(idx), t(new_pos), interleaved_mask(t(doc), t(pos), t(slot), t(sj)), cache=cache, return_hidden=True)
+    return model(t(idx), t(new_pos), interleaved_mask(t(doc), t(pos), t(slot), t(sj)), cache=cache, hidden=True)
 
 
 # ----------------------------------------------------------------------------- refine
@@ -718,6 +718,21 @@ def summarize(records, seconds):
     return s
 
 
+def count_identical(records, path):
+    """How many records have exactly the completion tokens of the same row of an earlier --out."""
+    try:
+        with open(path) as f:
+            ref = [json.loads(l) for l in f if l.strip()]
+    except (OSError, ValueError) as e:
+        raise UserError(f"same_as={path}: cannot read it as jsonl ({e})") from None
+    if len(ref) != len(records):
+        raise UserError(f"same_as={path}: {len(ref)} rows, this run decoded {len(records)}")
+    for i, (r, q) in enumerate(zip(records, ref)):
+        if q.get("prompt") != r["prompt"] or "completion_ids" not in q:
+            raise UserError(f"same_as={path}: row {i + 1} is not this run's prompt {i + 1} with its completion_ids")
+    return sum(r["completion_ids"] == q["completion_ids"] and r["eos"] == q.get("eos") for r, q in zip(records, ref))
+
+
 def main(argv=None):
     c = configure(defaults_from(globals()), argv)
     print_config(c, file=sys.stderr)
@@ -729,6 +744,8 @@ def main(argv=None):
     items = load_prompts(c, info)
     gen = torch.Generator(device=c.device).manual_seed(c.seed)
     records, summary = decode_and_score(model, info, tok, c, items, gen)
+    if c.same_as:
+        summary["identical"] = count_identical(records, c.same_as)
     if c.out:
         with open(c.out, "w") as f:
             for r in records:

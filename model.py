@@ -1,6 +1,6 @@
 """
 The Transformer (Llama / Qwen2 / Qwen3 / Mistral family), attention by mask function,
-a static KV cache, LoRA and gated LoRA, and init (weights on disk: checkpoint.py).
+a static KV cache, LoRA and gated LoRA, and init (weights on disk: hf.py, checkpoint.py).
 
 Attention rules are FlexAttention-style `mask_mod(b, h, q_idx, kv_idx) -> bool` functions.
 Indices are *physical* positions in the row (cached tokens first, then the new ones), so
@@ -258,6 +258,7 @@ class LoRA(nn.Module):
     projections (q|k|v, gate|up). Each targeted slice has its own A (r, in) and B (out, r), so the
     adapters map one to one onto peft's per-projection ones; untargeted slices get no delta.
     delta = alpha / r * B A dropout(x); B starts at zero, so the model is unchanged at step 0.
+    The slices' adapters run as two matmuls: every A stacked, then a block-diagonal B.
     """
 
     def __init__(self, in_features, slices, targets, rank, alpha, dropout):
@@ -268,12 +269,21 @@ class LoRA(nn.Module):
         self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(o, rank)) for n, o in slices if n in targets})
         for a in self.lora_A.values():   # peft's default: Kaiming-uniform A, zero B
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.frozen = None   # decoding (inference mode): (the weights' identity, the fused (A, B))
+
+    def fused(self):
+        """A (r * targeted, in) and B (out, r * targeted): a slice without an adapter is zero rows."""
+        key = [(p.data_ptr(), p._version) for p in self.parameters()] if torch.is_inference_mode_enabled() else None
+        if key is None or self.frozen is None or self.frozen[0] != key:
+            A = torch.cat([self.lora_A[n] for n, _ in self.slices if n in self.lora_A])
+            B = torch.block_diag(*[self.lora_B[n] if n in self.lora_B else A.new_zeros(o, 0) for n, o in self.slices])
+            self.frozen = (key, (A, B)) if key is not None else None
+            return A, B
+        return self.frozen[1]
 
     def forward(self, x):
-        x = F.dropout(x, self.dropout, self.training)
-        parts = [F.linear(F.linear(x, self.lora_A[n]), self.lora_B[n]) if n in self.lora_A
-                 else x.new_zeros(*x.shape[:-1], o) for n, o in self.slices]
-        return self.scale * (torch.cat(parts, -1) if len(parts) > 1 else parts[0])
+        A, B = self.fused()
+        return self.scale * F.linear(F.linear(F.dropout(x, self.dropout, self.training), A), B)
 
 
 class SamplerHead(nn.Module):
@@ -413,7 +423,7 @@ class Transformer(nn.Module):
         mask = dense_mask(mask_mod, B, T, S, device)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
-    def forward(self, idx, pos=None, mask_mod=None, cache=None, select=None, return_hidden=False, prev=None,
+    def forward(self, idx, pos=None, mask_mod=None, cache=None, select=None, hidden=False, prev=None,
                 targets=None):
         """
         idx, pos: (B, T) token ids and position ids (pos defaults to the cache offset + arange).
@@ -423,7 +433,9 @@ class Transformer(nn.Module):
         which is what training needs (the head is most of the FLOPs of a small model).
         prev: (N,) the token before each selected one, for the sampler head (training).
         targets: (N,) with select: return (per-token fp32 cross-entropy, argmax) instead (head_loss).
-        Returns logits (B, T, V); with return_hidden, (logits, final normed hidden states).
+        hidden: return the final normed hidden states (B, T, C) instead, for the caller to run the
+        head (`head`) on the rows it needs (a 49k-row head costs as much as several layers).
+        Returns logits (B, T, V).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else None
@@ -447,19 +459,24 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, rope, attend, lc, gate)
         x = self.norm(x)
+        if hidden:
+            return x
         h = x if select is None else x[select]
         if targets is not None:
             return self.head_loss(h, targets, prev)
-        z = h if prev is None else self.sampler_head(h, self.embed_tokens(prev))
-        return (self.lm_head(z), h) if return_hidden else self.lm_head(z)
+        return self.head(h, prev)
+
+    def head(self, h, prev=None):
+        """Logits from final hidden states h (..., C); prev (...) the token before each one,
+        for the sampler head."""
+        return self.lm_head(h if prev is None else self.sampler_head(h, self.embed_tokens(prev)))
 
     def head_loss(self, h, targets, prev=None):
         """(per-token fp32 cross-entropy, argmax) of the head over hidden states h (N, C), in chunks
         of rows: fp32 logits never exist for all N tokens at once (GBs at a 150k vocabulary), and
         with several chunks each one's logits are recomputed in the backward, not kept."""
         def chunk(h, t, p):
-            z = h if p is None else self.sampler_head(h, self.embed_tokens(p))
-            logits = self.lm_head(z)
+            logits = self.head(h, p)
             return F.cross_entropy(logits.float(), t, reduction="none"), logits.detach().argmax(-1)
         n = self.ce_rows or max(1, 2 ** 27 // self.config.vocab_size)
         if len(h) <= n:

@@ -64,9 +64,9 @@ def reference_blockwise(model, prompt, c, info):
                 q = L + m + g * k + j
                 allowed[q, :L + a] = True                           # clean tokens before the group
                 allowed[q, L + m + g * k:q + 1] = True              # its group's slots 0..j
-        logits, hidden = model(torch.tensor([ids], device=dev), torch.tensor([pos], device=dev),
-                               dense(allowed.to(dev)), return_hidden=True)
-        logits, hidden = greedy_logits(logits[0], info), hidden[0]
+        hidden = model(torch.tensor([ids], device=dev), torch.tensor([pos], device=dev),
+                       dense(allowed.to(dev)), hidden=True)[0]
+        logits = greedy_logits(model.lm_head(hidden), info)
         forwards += 1
         greedy = logits[L - 1:L + m].argmax(-1).tolist()   # after the last verified token and each draft
 

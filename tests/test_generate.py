@@ -61,3 +61,22 @@ def test_cli_errors(tiny_ckpt):
     # a method that does not match how the checkpoint was trained says so
     assert_clean_error(run_script("generate.py", f"--init_from={tiny_ckpt}/out", "--prompt=x", "--method=diffusion"),
                        "cannot decode a checkpoint trained with mode=sft")
+
+
+def test_same_as_counts_identical_completions(tiny_ckpt, capsys):
+    import generate
+    from configurator import UserError
+    args = [f"--init_from={tiny_ckpt}/out", f"--data={tiny_ckpt}/data/val.jsonl", "--limit=5", "--max_new_tokens=8",
+            "--quiet=True"]
+    ref, edited, short = (tiny_ckpt / n for n in ("ar.jsonl", "edited.jsonl", "short.jsonl"))
+    generate.main([*args, f"--out={ref}"])
+    rows = [json.loads(l) for l in open(ref)]
+    rows[2]["completion_ids"] = rows[2]["completion_ids"] + [0]   # one row's completion: a token more
+    edited.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    short.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    capsys.readouterr()
+    for path, want in ((ref, 5), (edited, 4)):
+        generate.main([*args, f"--same_as={path}"])
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["identical"] == want
+    with pytest.raises(UserError, match="4 rows, this run decoded 5"):
+        generate.main([*args, f"--same_as={short}"])

@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 
 import prepare
 import objectives
+import batching
 import train
 from configurator import configure, defaults_from
 from generate import Decoding, decode_ar, decode_blockwise, load
-from checkpoint import from_pretrained
+from hf import from_pretrained
 from model import interleaved_mask
 from reference import reference_blockwise
 
@@ -85,10 +86,10 @@ def gated(tmp_path_factory):
 
 def test_gated_clean_stream_is_the_base_bit_for_bit(gated):
     model, base, info, _, d = gated
-    shards = train.Shards(f"{d}/data", "val")
+    shards = batching.Shards(f"{d}/data", "val")
     c = configure(defaults_from(vars(train)), ["--mode=interleaved", "--block_size=4"])
     c.mask_id = 257
-    b = train.collate([[objectives.interleaved_layout(*shards.example(i), c) for i in range(3)]], 384, 256)
+    b = batching.collate([[objectives.interleaved_layout(*shards.example(i), c) for i in range(3)]], 384, 256)
     mask = interleaved_mask(b["doc"], b["pos"], b["slot"], b["sj"])
     with torch.no_grad():
         got, want = model(b["idx"], b["pos"], mask)[0], base(b["idx"], b["pos"], mask)[0]
@@ -228,9 +229,9 @@ def test_gated_split_forward_equals_one_forward(tmp_path, sampler):
     c = configure(defaults_from(vars(train)), ["--mode=interleaved", "--block_size=4", "--gated_lora=True",
                                                f"--sampler_head={sampler}"])
     c.mask_id, c.eos_id = 257, 256
-    shards = train.Shards(str(tmp_path), "train")
+    shards = batching.Shards(str(tmp_path), "train")
     rows = [[objectives.interleaved_layout(*shards.example(i), c) for i in r] for r in ((0, 1, 2), (3,), (4, 5))]
-    b = train.collate(rows, max(sum(len(l["idx"]) for l in r) for r in rows) + 3, 256)
+    b = batching.collate(rows, max(sum(len(l["idx"]) for l in r) for r in rows) + 3, 256)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
     model.init_weights(0)
@@ -254,3 +255,32 @@ def test_gated_split_forward_equals_one_forward(tmp_path, sampler):
     g2 = torch.autograd.grad(torch.nn.functional.cross_entropy(ref, tgt), lora)
     assert all((a - b_).abs().max() < 1e-5 * max(1.0, b_.abs().max()) for a, b_ in zip(g1, g2))
     assert any(a.abs().max() > 0 for a in g1)
+
+
+def test_fused_adapters_are_each_projections_own_and_follow_updates():
+    """A LoRA runs its slices as one stacked A and a block-diagonal B; that is each HF projection's
+    own B A x (zero for a slice without an adapter), and the copy decoding caches (inference mode)
+    follows every in-place update of an adapter (an optimizer step, a checkpoint load)."""
+    m = from_pretrained(STORIES).add_lora(4, 8.0, targets="q,v,up")
+    lora = m.layers[0].self_attn.qkv_proj.lora
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lora.lora_B.values():
+            p.normal_()
+    x = torch.randn(3, 5, lora.in_features)
+
+    def by_hand():
+        parts = [lora.scale * x @ lora.lora_A[n].T @ lora.lora_B[n].T if n in lora.lora_A else x.new_zeros(3, 5, o)
+                 for n, o in lora.slices]
+        return torch.cat(parts, -1)
+    assert [n for n, _ in lora.slices] == ["q", "k", "v"] and "k" not in lora.lora_A
+    torch.testing.assert_close(lora(x), by_hand())
+    with torch.inference_mode():
+        torch.testing.assert_close(lora(x), by_hand())
+        before = lora(x)
+    with torch.no_grad():
+        lora.lora_B["v"].mul_(2.0)
+    with torch.inference_mode():
+        after = lora(x)
+    torch.testing.assert_close(after, by_hand())
+    assert not torch.allclose(after, before)
