@@ -15,9 +15,11 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from configurator import UserError, configure, cli, defaults_from, print_config
 from checkpoint import find_checkpoint, load_checkpoint, load_info, load_lora_checkpoint
+from batching import Shards
 from model import KVCache, bidirectional_mask, block_causal_mask, interleaved_mask
 from prepare import Tokenizer, read_rows, row_texts
 
@@ -46,6 +48,9 @@ verify = False             # blockwise/refine/block diffusion (causal_clean): ac
                            # the model's own AR greedy agrees
 draft_tree = True          # blockwise --verify: a slot group per possible acceptance length, not only for
                            # "all drafts accepted" (more tokens per forward, longer forwards)
+draft_vocab = 0            # blockwise --verify: draft only among the N tokens most frequent in the responses
+                           # of draft_vocab_from (FR-Spec): a head N rows tall per slot; 0 = every token
+draft_vocab_from = ""      # a prepare.py data dir, the drafter's training data
 # refine
 add_eos_length = 127       # N EOS appended per round -> a draft of N+1 tokens
 refine_iter = 2            # forwards that re-predict the draft from itself
@@ -205,17 +210,35 @@ def accept_first(clean, drafts, c, eos, generator):
     return [int(sample(clean[0], c.temperature, c.top_p, generator))], 0, 0
 
 
-def draft_logits(model, h, anchors, info):
+def draft_logits(model, h, anchors, info, vocab=None):
     """Slot logits (N, k, V) of N slot groups h (N, k, C). With a sampler head (Apple's), slot j is
     conditioned on the token drafted before it (the anchor, the token accepted just before the
-    group, for j = 0): a greedy chain, one head call per slot for all groups at once."""
+    group, for j = 0): a greedy chain, one head call per slot for all groups at once.
+    vocab: (its head rows, its token ids) when drafts are restricted to a draft vocabulary; the
+    logits are then over it (index i is token vocab[1][i])."""
+    head = (lambda z: clean_logits(model.lm_head(z), info)) if vocab is None else (lambda z: F.linear(z, vocab[0]))
     if model.sampler_head is None:
-        return clean_logits(model.head(h), info)
+        return head(h)
     out, prev = [], torch.tensor(anchors, device=h.device)
     for j in range(h.shape[1]):
-        out.append(clean_logits(model.head(h[:, j], prev), info))
-        prev = out[-1].argmax(-1)
+        out.append(head(model.sampler_head(h[:, j], model.embed_tokens(prev))))
+        prev = out[-1].argmax(-1) if vocab is None else vocab[1][out[-1].argmax(-1)]
     return torch.stack(out, 1)
+
+
+def draft_vocabulary(data_dir, n, info):
+    """The n tokens most frequent in the responses of a prepare.py data dir (ties: lower id first),
+    never MASK or a padding row past the tokenizer's vocabulary: FR-Spec's frequency-ranked draft
+    vocabulary (Zhao et al., arXiv 2502.14856). Drafts outside it are never proposed; as every
+    draft is verified, that costs tokens per forward, never a different output."""
+    if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+        raise UserError(f"draft_vocab_from={data_dir!r}: not a prepare.py data dir (no meta.json)")
+    shards, V = Shards(data_dir, "train"), info["vocab_size"]
+    responses = [np.asarray(shards.tokens[s + p:s + L], dtype=np.int64) for s, p, L in shards.index]
+    counts = np.bincount(np.concatenate(responses or [np.zeros(0, np.int64)]), minlength=V)[:V]
+    allowed = np.arange(V) != info["mask_id"]
+    order = np.argsort(-counts, kind="stable")
+    return torch.from_numpy(order[allowed[order]][:n].copy())
 
 
 def extend_by_threshold(toks, probs, threshold, eos):
@@ -229,17 +252,20 @@ def extend_by_threshold(toks, probs, threshold, eos):
 
 
 @torch.inference_mode()
-def decode_blockwise(model, prompts, c, info, generator=None, cache=None, stats=None):
+def decode_blockwise(model, prompts, c, info, generator=None, cache=None, stats=None, vocab=None):
     """Batched next-block decoding with a KV cache. A step feeds each row its verified tokens
     (the prompt at first), its drafts (verify only) and MASK slot groups, in one forward; rows
     advance by different amounts. Only verified tokens are committed to the cache: slots and
     rejected drafts are written past the committed length and overwritten by the next step.
     The head runs only where it is read: every row's clean predictions in one call, then the one
     slot group each row uses. stats: a dict that receives the histogram of tokens accepted per
-    row per forward."""
+    row per forward. vocab: the token ids drafts are restricted to (draft_vocabulary; verify only)."""
     if c.verify and c.temperature > 0:
         raise UserError("--verify reproduces greedy decoding: use --temperature=0")
+    if vocab is not None and not c.verify:
+        raise UserError("a draft vocabulary needs --verify=True (the threshold reads probabilities over every token)")
     k, n, dev = info["block_size"] - 1, len(prompts), model.lm_head.weight.device
+    vocab = (model.lm_head.weight[vocab.to(dev)], vocab.to(dev)) if vocab is not None else None
     eos = set(info["eos_ids"])
     cache = cache or KVCache(model.config, n, max(map(len, prompts)) + c.max_new_tokens + (k + 1) ** 2 + 1,
                              dev, model.lm_head.weight.dtype)
@@ -257,11 +283,12 @@ def decode_blockwise(model, prompts, c, info, generator=None, cache=None, stats=
         grouped = [b for b in live if first[b][2] is not None]   # rows that read a slot group: all rows' at once
         h = [hidden[b, sum(at[b]) + first[b][2] * k:][:k] for b in grouped]   # group g starts k * g after the drafts
         anchors = [first[b][0][-1] for b in grouped]
-        slots = dict(zip(grouped, draft_logits(model, torch.stack(h), anchors, info))) if grouped else {}
+        slots = dict(zip(grouped, draft_logits(model, torch.stack(h), anchors, info, vocab))) if grouped else {}
         commit = [0] * n
         for b in live:
             toks, a, _ = first[b]
-            nxt = slots[b].argmax(-1).tolist() if b in slots else []
+            nxt = slots[b].argmax(-1) if b in slots else torch.zeros(0, dtype=torch.long)
+            nxt = (nxt if vocab is None else vocab[1][nxt]).tolist()
             if not c.verify:
                 toks, nxt = extend_by_threshold(toks, torch.softmax(slots[b], -1), c.threshold, eos), []
             toks = toks[:c.max_new_tokens - len(out[b])]
@@ -677,10 +704,14 @@ def decode_and_score(model, info, tok, c, items, generator=None):
                         f"(it decodes: {', '.join(DECODES[c.method])}; ar also block diffusion with causal_clean)")
     decode, d = DECODERS[c.method], Decoding.of(c)
     encoded = encode_prompts(tok, items, info)
-    records, t0, stats = [], time.time(), {}
+    if c.draft_vocab and not (c.method == "blockwise" and c.verify and c.draft_vocab_from):
+        raise UserError("draft_vocab needs --method=blockwise --verify=True and --draft_vocab_from=DATA_DIR")
+    kw = {"stats": {}} if c.method in ("blockwise", "refine") else {}
+    if c.draft_vocab:
+        kw["vocab"] = draft_vocabulary(c.draft_vocab_from, c.draft_vocab, info)
+    records, t0, stats = [], time.time(), kw.get("stats")
     for i in range(0, len(encoded), c.batch_size):
         batch = encoded[i:i + c.batch_size]
-        kw = {"stats": stats} if c.method in ("blockwise", "refine") else {}
         results = decode(model, [ids for _, ids in batch], d, info, generator, **kw)
         for (ids, fw), (prompt, ref) in zip(results, items[i:i + c.batch_size]):
             ids = cut_at_eos(ids, set(info["eos_ids"]))

@@ -179,21 +179,41 @@ def apply_rope(x, cos, sin_signed):
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
+class Projection(nn.Linear):
+    """A linear layer that may carry a LoRA (`lora`: None until Transformer.add_lora gives it one).
+    Gated LoRA: gate holds the flat indices of the (B*T) rows that get the delta, computed there
+    only; every other row is the frozen layer's output, bit for bit (and with no gated row the
+    adapters cost nothing)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.lora = None
+
+    def forward(self, x, gate=None):
+        y = super().forward(x)
+        if self.lora is None or (gate is not None and len(gate) == 0):
+            return y
+        if gate is None:
+            return y + self.lora(x)
+        flat = y.view(-1, y.shape[-1])   # in place: y is this call's own, and linear's backward never reads it
+        return flat.index_add_(0, gate, self.lora(x.reshape(-1, x.shape[-1])[gate]).to(y.dtype)).view_as(y)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         H, Hkv, D, C = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd
         self.n_head, self.n_kv_head, self.head_dim = H, Hkv, D
         # q, k and v in one matmul (gpt-fast's wqkv); split back into HF's q/k/v_proj on export
-        self.qkv_proj = nn.Linear(C, (H + 2 * Hkv) * D, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(H * D, C, bias=False)
+        self.qkv_proj = Projection(C, (H + 2 * Hkv) * D, bias=cfg.qkv_bias)
+        self.o_proj = Projection(H * D, C, bias=False)
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's q and k before RoPE
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
     def forward(self, x, rope, attend, cache=None, gate=None):
         B, T, _ = x.shape
-        q, k, v = project(self.qkv_proj, x, gate).view(B, T, -1, self.head_dim).split(
+        q, k, v = self.qkv_proj(x, gate).view(B, T, -1, self.head_dim).split(
             [self.n_head, self.n_kv_head, self.n_kv_head], dim=2)          # (B, T, H|Hkv, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
@@ -202,18 +222,18 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(k, v)                   # (B, Hkv, S, D): cached + new
         y = attend(q, k, v)
-        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), gate)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), gate)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.n_embd, 2 * cfg.intermediate_size, bias=False)  # HF gate_proj; up_proj
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+        self.gate_up_proj = Projection(cfg.n_embd, 2 * cfg.intermediate_size, bias=False)  # HF gate_proj; up_proj
+        self.down_proj = Projection(cfg.intermediate_size, cfg.n_embd, bias=False)
 
     def forward(self, x, gate=None):
-        g, up = project(self.gate_up_proj, x, gate).chunk(2, dim=-1)
-        return project(self.down_proj, F.silu(g) * up, gate)
+        g, up = self.gate_up_proj(x, gate).chunk(2, dim=-1)
+        return self.down_proj(F.silu(g) * up, gate)
 
 
 class Block(nn.Module):
@@ -300,20 +320,6 @@ class SamplerHead(nn.Module):
 
     def forward(self, h, prev_emb):
         return h + self.fc2(F.silu(self.fc1(torch.cat([h, prev_emb.to(h.dtype)], -1))))
-
-
-def project(linear, x, gate=None):
-    """linear(x) plus its LoRA delta where it has one. Gated LoRA: gate holds the flat indices of
-    the (B*T) rows that get the delta, computed there only; every other row is the frozen
-    layer's output, bit for bit (and with no gated row the adapters cost nothing)."""
-    y = linear(x)
-    lora = getattr(linear, "lora", None)
-    if lora is None or (gate is not None and len(gate) == 0):
-        return y
-    if gate is None:
-        return y + lora(x)
-    flat = y.reshape(-1, y.shape[-1])
-    return flat.index_add(0, gate, lora(x.reshape(-1, x.shape[-1])[gate]).to(y.dtype)).view_as(y)
 
 
 # ----------------------------------------------------------------------------- KV cache

@@ -3,6 +3,7 @@ transformers + peft on the exported files, and an uninterrupted run for resume."
 import copy
 import json
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import objectives
 import batching
 import train
 from configurator import configure, defaults_from
-from generate import Decoding, decode_ar, decode_blockwise, load
+from generate import Decoding, decode_ar, decode_blockwise, draft_vocabulary, load
 from hf import from_pretrained
 from model import interleaved_mask
 from reference import reference_blockwise
@@ -133,6 +134,17 @@ def test_sampler_head_verify_is_still_the_base_models_ar_greedy(gated):
         assert got == reference_blockwise(model, p, cfg(verify=False, threshold=0.5), info)
     loaded, _, _ = load(f"{d}/sampler")
     assert loaded.sampler_head is not None
+    # a draft vocabulary (FR-Spec): the most frequent response tokens; the whole vocabulary drafts
+    # exactly as no restriction, a small one drafts less but the output stays the AR greedy one
+    shards = batching.Shards(f"{d}/data", "train")
+    freq = Counter(t for s, p, L in shards.index for t in shards.tokens[s + p:s + L].tolist())
+    full = draft_vocabulary(f"{d}/data", 10 ** 6, info)
+    assert sorted(full.tolist()) == [t for t in range(258) if t != 257]
+    assert [freq[t] for t in full[:20].tolist()] == sorted(freq.values(), reverse=True)[:20]
+    plain = decode_blockwise(model, prompts[:6], cfg(), info)
+    assert decode_blockwise(model, prompts[:6], cfg(), info, vocab=full) == plain
+    got = decode_blockwise(model, prompts[:6], cfg(), info, vocab=draft_vocabulary(f"{d}/data", 3, info))
+    assert [r[0] for r in got] == [r[0] for r in want] and sum(r[1] for r in got) > sum(r[1] for r in plain)
 
 
 def test_generate_loads_gated_checkpoint_without_flags(gated):
