@@ -265,6 +265,7 @@ def hf_generate_speed(n=256, reps=3):
     """stories260K greedy decoding, 256 tokens from "Once upon a time": our KV cache vs
     transformers' generate, same process, same threads; medians of interleaved repeats."""
     import transformers
+    from decoders import decode_ar
     from hf import from_pretrained
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "stories260K")
     ids = transformers.AutoTokenizer.from_pretrained(path)("Once upon a time", return_tensors="pt").input_ids
@@ -272,7 +273,7 @@ def hf_generate_speed(n=256, reps=3):
     ours = from_pretrained(path).eval()
     c = gen_config(SimpleNamespace(device="cpu"), max_new_tokens=n)
     info = {"eos_ids": [], "vocab_size": 512, "mask_id": 512}
-    runs = {"ours": lambda: generate.decode_ar(ours, [ids[0].tolist()], c, info),
+    runs = {"ours": lambda: decode_ar(ours, [ids[0].tolist()], c, info),
             "hf": lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)}
     times = {k: [] for k in runs}
     for _ in range(reps + 1):

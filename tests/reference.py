@@ -1,7 +1,7 @@
 """
-Slow, obviously-correct decoders: the oracles the fast, cached, batched decoders of generate.py
+Slow, obviously-correct decoders: the oracles the fast, cached, batched decoders of decoders.py
 are tested against. Each decodes one row and recomputes the whole sequence for every forward,
-written from the rules in DESIGN.md ("Decoding"). They share nothing with generate.py: their
+written from the rules in DESIGN.md ("Decoding"). They share nothing with decoders.py: their
 own logit cleaning, attention mask and acceptance rules, so a bug there cannot hide here.
 """
 import torch

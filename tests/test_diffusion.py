@@ -12,7 +12,8 @@ import train
 from conftest import EAGER_FLEX, STORIES, Recorder
 from reference import reference_ar
 from configurator import configure, defaults_from
-from generate import Decoding, choose, decode_blocks, decode_blocks_verified, decode_diffusion
+from decoders import choose, decode_blocks, decode_blocks_verified, decode_diffusion
+from generate import Decoding
 from hf import from_pretrained
 from model import ModelConfig, Transformer, bidirectional_mask, block_causal_mask, block_diffusion_mask, dense_mask
 
@@ -420,7 +421,7 @@ def test_verified_block_decoding_is_the_models_ar_greedy(dthreshold, shift):
 
 @torch.no_grad()
 def slow_block_decoding(m, prompt, L, G, per_step, info):
-    """Block-diffusion decoding written from the spec, sharing no code with generate.py: blocks of
+    """Block-diffusion decoding written from the spec, sharing no code with decoders.py: blocks of
     L left to right; each step recomputes [prompt][finished blocks][canvas] with the training rule
     (the canvas sees everything before it and itself; earlier tokens see their own and earlier
     blocks, the prompt being one block, or only earlier tokens with a causal clean stream), and

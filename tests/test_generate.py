@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import assert_clean_error, run_script
 
-from generate import extract_answer, is_correct, sample
+from decoders import sample
+from generate import extract_answer, is_correct
 
 
 @pytest.mark.parametrize("text,want", [

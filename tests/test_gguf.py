@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from checkpoint import find_checkpoint, load_checkpoint
-from generate import Decoding, decode_ar
+from decoders import decode_ar
+from generate import Decoding
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_gguf_self_distillation_round_trip(gguf, tmp_path):
 def test_gated_verify_on_smollm2_is_its_ar_greedy(gguf):
     """Gated LoRA + sampler head on the real model, adapters random (drafts wrong as often as
     right): blockwise --verify returns exactly the plain model's AR greedy, batch = single."""
-    from generate import decode_blockwise
+    from decoders import decode_blockwise
     folder = find_checkpoint(gguf)
     base = load_checkpoint(folder).eval()
     vocab = base.config.vocab_size   # no mask token: MASK is a new id past the vocabulary

@@ -11,7 +11,8 @@ import objectives
 import batching
 import train
 from configurator import configure, defaults_from
-from generate import Decoding, decode_ar, decode_blockwise
+from decoders import decode_ar, decode_blockwise
+from generate import Decoding
 from reference import reference_blockwise
 from model import KVCache, ModelConfig, Transformer, dense_mask, interleaved_mask
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention

@@ -15,7 +15,8 @@ import objectives
 import batching
 import train
 from configurator import configure, defaults_from
-from generate import Decoding, decode_ar, decode_blockwise, draft_vocabulary, load
+from decoders import decode_ar, decode_blockwise, draft_vocabulary
+from generate import Decoding, load
 from hf import from_pretrained
 from model import interleaved_mask
 from reference import reference_blockwise

@@ -6,7 +6,8 @@ import torch
 from conftest import EAGER_FLEX, STORIES, assert_clean_error, run_script
 
 import transformers
-from generate import Decoding, decode_ar
+from decoders import decode_ar
+from generate import Decoding
 from reference import reference_ar
 from hf import from_pretrained, save_pretrained
 from model import KVCache, ModelConfig, Transformer, bidirectional_mask, causal_mask, dense_mask

@@ -12,7 +12,8 @@ import train
 from bench import SavedBytes
 from conftest import Recorder
 from configurator import configure, defaults_from
-from generate import Decoding, decode_ar, decode_refine
+from decoders import decode_ar, decode_refine
+from generate import Decoding
 from reference import reference_refine
 from model import ModelConfig, Transformer, causal_mask
 
