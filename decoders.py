@@ -10,7 +10,6 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from batching import Shards
 from configurator import UserError
@@ -124,19 +123,25 @@ def accept_first(clean, drafts, c, eos, generator):
 
 
 def draft_logits(model, h, anchors, info, vocab=None):
-    """Slot logits (N, k, V) of N slot groups h (N, k, C). With a sampler head (Apple's), slot j is
-    conditioned on the token drafted before it (the anchor, the token accepted just before the
-    group, for j = 0): a greedy chain, one head call per slot for all groups at once.
-    vocab: (its head rows, its token ids) when drafts are restricted to a draft vocabulary; the
-    logits are then over it (index i is token vocab[1][i])."""
-    head = (lambda z: clean_logits(model.lm_head(z), info)) if vocab is None else (lambda z: F.linear(z, vocab[0]))
+    """Slot logits (N, k, V) of N slot groups h (N, k, C) and their greedy drafts (N, k) as token
+    ids. With a sampler head (Apple's), slot j is conditioned on the token drafted before it (the
+    anchor, the token accepted just before the group, for j = 0): a greedy chain, one head call
+    per slot for all groups at once. vocab: (its head rows, its token ids) when drafts are
+    restricted to a draft vocabulary; the logits are then over it."""
+    rows, ids = vocab if vocab is not None else (None, None)
+
+    def head(z, prev=None):   # a draft vocabulary holds neither MASK nor padding rows: nothing to clean
+        return clean_logits(model.head(z, prev), info) if rows is None else model.head(z, prev, rows)
+    token = lambda logits: logits.argmax(-1) if ids is None else ids[logits.argmax(-1)]
     if model.sampler_head is None:
-        return head(h)
-    out, prev = [], torch.tensor(anchors, device=h.device)
+        logits = head(h)
+        return logits, token(logits)
+    out, drafts, prev = [], [], torch.tensor(anchors, device=h.device)
     for j in range(h.shape[1]):
-        out.append(head(model.sampler_head(h[:, j], model.embed_tokens(prev))))
-        prev = out[-1].argmax(-1) if vocab is None else vocab[1][out[-1].argmax(-1)]
-    return torch.stack(out, 1)
+        out.append(head(h[:, j], prev))
+        prev = token(out[-1])
+        drafts.append(prev)
+    return torch.stack(out, 1), torch.stack(drafts, 1)
 
 
 def draft_vocabulary(data_dir, n, info):
@@ -196,12 +201,12 @@ def decode_blockwise(model, prompts, c, info, generator=None, cache=None, stats=
         grouped = [b for b in live if first[b][2] is not None]   # rows that read a slot group: all rows' at once
         h = [hidden[b, sum(at[b]) + first[b][2] * k:][:k] for b in grouped]   # group g starts k * g after the drafts
         anchors = [first[b][0][-1] for b in grouped]
-        slots = dict(zip(grouped, draft_logits(model, torch.stack(h), anchors, info, vocab))) if grouped else {}
+        slots, drafted = draft_logits(model, torch.stack(h), anchors, info, vocab) if grouped else ([], torch.zeros(0))
+        slots, drafted = dict(zip(grouped, slots)), dict(zip(grouped, drafted.tolist()))
         commit = [0] * n
         for b in live:
             toks, a, _ = first[b]
-            nxt = slots[b].argmax(-1) if b in slots else torch.zeros(0, dtype=torch.long)
-            nxt = (nxt if vocab is None else vocab[1][nxt]).tolist()
+            nxt = drafted.get(b, [])
             if not c.verify:
                 toks, nxt = extend_by_threshold(toks, torch.softmax(slots[b], -1), c.threshold, eos), []
             toks = toks[:c.max_new_tokens - len(out[b])]

@@ -472,10 +472,11 @@ class Transformer(nn.Module):
             return self.head_loss(h, targets, prev)
         return self.head(h, prev)
 
-    def head(self, h, prev=None):
+    def head(self, h, prev=None, rows=None):
         """Logits from final hidden states h (..., C); prev (...) the token before each one,
-        for the sampler head."""
-        return self.lm_head(h if prev is None else self.sampler_head(h, self.embed_tokens(prev)))
+        for the sampler head; rows: some rows of the head's weight, for logits over those tokens only."""
+        z = h if prev is None else self.sampler_head(h, self.embed_tokens(prev))
+        return self.lm_head(z) if rows is None else F.linear(z, rows)
 
     def head_loss(self, h, targets, prev=None):
         """(per-token fp32 cross-entropy, argmax) of the head over hidden states h (N, C), in chunks
