@@ -12,6 +12,7 @@ held-out split. Prints Markdown tables, then one JSON line.
 """
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -50,7 +51,10 @@ PRESETS = {  # model, data and budget; every mode gets the same
     "quick": dict(toy_rows=600, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, max_iters=8, batch_size=4,
                   learning_rate=3e-3, min_lr=3e-4, warmup_iters=2),
 }
-RUNS = {  # trained mode -> (train overrides, [(decoder label, generate overrides)])
+GATED = {"lora_rank": "{rank}", "lora_alpha": "{rank}", "gated_lora": True, "sampler_head": True}
+# trained mode -> (train overrides, [(decoder label, generate overrides)]); placeholders: {sft} the sft run,
+# {rank} --lora_rank, {self} the sft model's own greedy answers to the training prompts (self-distillation)
+RUNS = {
     "sft": ({}, [("ar", {})]),
     "refine": ({"mode": "refine", "num_iterations": 2, "ar_loss_weight": 1.0},
                [("refine N=15 M=1", {"method": "refine", "add_eos_length": 15, "refine_iter": 1}),
@@ -70,8 +74,11 @@ RUNS = {  # trained mode -> (train overrides, [(decoder label, generate override
                                                                       "draft_tree": False}),
                                                 ("blockwise verify tree", {"method": "blockwise", "verify": True})])
        for B in (4, 8) for kind, kw in (("full", {}), ("lora", {"lora_rank": "{rank}", "lora_alpha": "{rank}"}),
-                                        ("gated lora", {"lora_rank": "{rank}", "lora_alpha": "{rank}", "gated_lora": True,
-                                                        "sampler_head": True}))},
+                                        ("gated lora", GATED), ("gated lora self", {**GATED, "data_dir": "{self}"}))},
+    # refinement started from the trained sft model (CLLM, Jacobi Forcing start from one), its next-token loss kept
+    "refine from sft": ({"mode": "refine", "num_iterations": 2, "ar_loss_weight": 1.0, "init_from": "{sft}"},
+                        [("refine verify N=15", {"method": "refine", "add_eos_length": 15, "verify": True}),
+                         ("refine N=15 M=2", {"method": "refine", "add_eos_length": 15, "refine_iter": 2})]),
     # block diffusion adapted from the sft model (BD3-LM / Fast-dLLM v2): decoded block by block, cached;
     # "+AR": a causal clean stream that keeps sft's next-token loss (and decodes AR too)
     **{f"block diffusion B={B}{ar} from sft": ({"mode": "diffusion", "block_size": B, "shift": True, "gen_length": 0,
@@ -135,7 +142,8 @@ class SavedBytes:
 def train_config(b, data_dir, out, name, overrides):
     args = {k: v for k, v in PRESETS["quick" if b.quick else "full"].items() if k != "toy_rows"}
     args.update(data_dir=data_dir, out_dir=out, max_length=LENGTH.get(overrides.get("mode"), 256), eval_interval=0,
-                log_interval=10 ** 9, save_interval=10 ** 9, device=b.device, **overrides)
+                log_interval=10 ** 9, save_interval=10 ** 9, device=b.device)
+    args.update(overrides)
     c = configure(defaults_from(vars(train)), [f"--{k}={v}" for k, v in args.items()])
     return c
 
@@ -144,8 +152,8 @@ def time_training(b, data_dir, tmp, runs):
     """Step time, data tokens/s and memory of each mode on the same examples (batch_size rows of sft)."""
     out = {}
     for name, (overrides, _) in runs.items():
-        if "init_from" in overrides and "lora_rank" not in overrides:   # the same step as its mode's scratch run
-            continue
+        if ("init_from" in overrides and "lora_rank" not in overrides) or "data_dir" in overrides:
+            continue   # the same step as its mode's scratch run, or as the run it differs from by data only
         overrides = resolve(overrides, b, tmp)
         c = train_config(b, data_dir, os.path.join(tmp, "timing"), name, overrides)
         meta = json.load(open(os.path.join(data_dir, "meta.json")))
@@ -206,16 +214,50 @@ def padding(data_dir, b):
 
 
 def resolve(overrides, b, tmp):
-    """Fill the placeholders of RUNS: {sft} (the sft run's folder) and {rank} (--lora_rank)."""
-    return {k: (int(v.format(rank=b.lora_rank)) if v == "{rank}" else v.format(sft=run_dir(tmp, "sft")))
+    """Fill the placeholders of RUNS: {sft} (the sft run's folder), {rank} (--lora_rank), {self}."""
+    return {k: (int(v.format(rank=b.lora_rank)) if v == "{rank}" else
+                v.format(sft=run_dir(tmp, "sft"), self=os.path.join(tmp, "data_self")))
             if isinstance(v, str) else v for k, v in overrides.items()}
 
 
-def decode_all(b, data_dir, tmp, runs):
-    out = {}
+def self_distill(b, data_dir, out_dir):
+    """The sft model's own greedy answers to the training split's prompts, made into a data dir the
+    way the README's recipe does (generate.py --out's rows, then prepare.py --input=G
+    --prompt_key=prompt --response_key=completion): what a drafter trained on them learns is what
+    the model says, wrong answers included. Answers the decode budget cuts are dropped, counted."""
+    if os.path.isfile(os.path.join(out_dir, "meta.json")):
+        print(f"reusing {out_dir}", file=sys.stderr, flush=True)
+        return json.load(open(os.path.join(out_dir, "self_distill.json")))
+    pc = configure(defaults_from(vars(prepare)), [f"--toy_rows={PRESETS['quick' if b.quick else 'full']['toy_rows']}"])
+    items = [(r["prompt"], r["target"]) for i, r in prepare.toy_task(pc.toy_rows, pc.seed) if not prepare.is_val(i, pc)]
+    model, info, tok = generate.load(run_dir(os.path.dirname(out_dir), "sft"), b.device)
+    t0 = time.time()
+    records, s = generate.decode_and_score(model, info, tok, gen_config(b, batch_size=64, max_new_tokens=128,
+                                                                                    quiet=b.quick), items)
+    os.makedirs(out_dir + ".tmp", exist_ok=True)
+    rows = os.path.join(out_dir + ".tmp", "self.jsonl")
+    with open(rows, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    meta = prepare.prepare(configure(defaults_from(vars(prepare)), [
+        f"--input={rows}", "--prompt_key=prompt", "--response_key=completion", f"--out_dir={out_dir}",
+        f"--truncated={'keep' if b.quick else 'drop'}"]))   # the quick preset's 8-step model rarely stops
+    rec = {"prompts": len(records), "sft_train_accuracy": s["accuracy"], "decode_s": round(time.time() - t0, 1),
+           "kept": sum(st["rows"] for st in meta["splits"].values()),
+           "dropped": {k: sum(st["dropped"].get(k, 0) for st in meta["splits"].values())
+                       for k in {k for st in meta["splits"].values() for k in st["dropped"]}}}
+    json.dump(rec, open(os.path.join(out_dir, "self_distill.json"), "w"))
+    shutil.rmtree(out_dir + ".tmp")
+    return rec
+
+
+def decode_all(b, data_dir, tmp, runs, res):
+    out = res["decoding"] = {}
     for name, (overrides, decoders) in runs.items():
         out_run = run_dir(tmp, name)
         overrides = resolve(overrides, b, tmp)
+        if overrides.get("data_dir") == os.path.join(tmp, "data_self") and "self_distill" not in res:
+            res["self_distill"] = self_distill(b, data_dir, overrides["data_dir"])
         c = train_config(b, data_dir, out_run, name, overrides)
         final = os.path.join(out_run, f"ckpt_{c.max_iters:07d}")
         if os.path.isdir(final):   # a finished run from an earlier invocation with this out_dir
@@ -225,7 +267,9 @@ def decode_all(b, data_dir, tmp, runs):
             train.train(c)
             print(f"trained {name} in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
         model, info, tok = generate.load(out_run, b.device)
-        items = generate.load_prompts(gen_config(b, data=os.path.join(data_dir, "val.jsonl"), limit=b.eval_n), info)
+        meta = json.load(open(os.path.join(data_dir, "meta.json")))   # the held-out split's keys, for every run
+        items = generate.load_prompts(gen_config(b, data=os.path.join(data_dir, "val.jsonl"), limit=b.eval_n,
+                                                 prompt_key=meta["prompt_key"], answer_key=meta["response_key"]), info)
         ar = {bs: measure(b, model, info, tok, items, {}, bs) for bs in (1, 8)} if info["mode"] != "diffusion" or info.get("causal_clean") else None
         rows = {"ar": ar} if ar else {}
         for label, kw in decoders:
@@ -236,7 +280,6 @@ def decode_all(b, data_dir, tmp, runs):
                 if ar:
                     r[bs]["speedup_vs_ar"] = r[bs]["speed_tokens_per_second"] / ar[bs]["speed_tokens_per_second"]
         out[name] = rows
-    return out
 
 
 def gen_config(b, **kw):
@@ -338,7 +381,13 @@ def tables(res):
         lines.append(f"| {name} | {r['trainable']:,} | {1000 * r['step_s']:.1f} ms | {r['step_ratio']:.2f}x | {r['data_tokens_per_s']:,.0f} "
                      f"| {r['memory_mb']:.1f} | {r['memory_ratio']:.2f}x |" + (f" {100 * r['mfu']:.1f}% |" if "mfu" in r else ""))
     p = res["padding"]
-    lines += ["", f"Padding, sft epoch: packed {100 * p['packed']:.1f}%, one example per row {100 * p['padded']:.1f}%", "",
+    lines += ["", f"Padding, sft epoch: packed {100 * p['packed']:.1f}%, one example per row {100 * p['padded']:.1f}%", ""]
+    d = res.get("self_distill")
+    if d:
+        lines += [f"Self-distilled data: the sft model's greedy answers to {d['prompts']:,} training prompts "
+                  f"({100 * d['sft_train_accuracy']:.1f}% correct), {d['kept']:,} kept, dropped {d['dropped'] or 0}, "
+                  f"decoded in {d['decode_s']:.0f} s", ""]
+    lines += [
               "| trained | decoder | accuracy | tokens/forward | tok/s b=1 | vs ar b=1 | tok/s b=8 | vs ar b=8 |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, rows in res["decoding"].items():
@@ -382,8 +431,8 @@ def select_runs(b):
     if keep - set(RUNS):
         raise UserError(f"only: unknown runs {sorted(keep - set(RUNS))} (one of: {', '.join(RUNS)})")
     runs = {n: (o, list(d)) for n, (o, d) in RUNS.items() if n in keep}
-    if b.quick:   # the same code paths as the B=4 LoRA runs; block diffusion: tests/test_diffusion.py
-        covered = [n for n in runs if "from sft" in n and (n.startswith(("interleaved B=8", "block diffusion"))
+    if b.quick:   # the same code paths as the B=4 LoRA runs and refine; block diffusion: tests/test_diffusion.py
+        covered = [n for n in runs if "from sft" in n and (n.startswith(("interleaved B=8", "block diffusion", "refine"))
                                                             or (n.startswith("interleaved") and " full " in n))]
         runs = {n: (o, d[:1]) for n, (o, d) in runs.items() if n not in covered}
     return runs
@@ -407,7 +456,7 @@ def main(argv=None):
     t0 = time.time()
     res = {"preset": "quick" if b.quick else "full", "device": b.device, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "lora_rank": b.lora_rank}
-    res["decoding"] = decode_all(b, data_dir, tmp, runs)   # first: the LoRA runs' step is timed on the sft model
+    decode_all(b, data_dir, tmp, runs, res)   # first: the LoRA runs' step is timed on the sft model
     res["training"] = time_training(b, data_dir, tmp, runs)
     res["padding"] = padding(data_dir, b)
     res["forward_cost"] = forward_cost_ratios(generate.load(run_dir(tmp, "sft"), b.device)[0], b.context)

@@ -6,7 +6,7 @@ from conftest import run_script
 
 
 def test_bench_quick_json_has_every_field(tmp_path):
-    p = run_script("bench.py", "--quick", f"--plot={tmp_path}/bench.png")
+    p = run_script("bench.py", "--quick", f"--plot={tmp_path}/bench.png", f"--out_dir={tmp_path}/runs")
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     lora, gated = "interleaved B=4 lora from sft", "interleaved B=4 gated lora from sft"
@@ -17,6 +17,14 @@ def test_bench_quick_json_has_every_field(tmp_path):
     # gated adapters leave the sft model's own output alone: AR and verify score exactly what sft's AR does
     sft_acc = res["decoding"]["sft"]["ar"]["8"]["accuracy"]
     assert [r["8"]["accuracy"] for r in res["decoding"][gated].values()] == [sft_acc, sft_acc]
+    # self-distillation: every training prompt decoded, each answer kept or counted; the drafter trained
+    # on them still returns sft's answers
+    d = res["self_distill"]
+    meta = {k: json.load(open(tmp_path / "runs" / k / "meta.json")) for k in ("data", "data_self")}
+    assert d["prompts"] == meta["data"]["splits"]["train"]["rows"]
+    assert d["kept"] == sum(s["rows"] for s in meta["data_self"]["splits"].values())
+    assert d["kept"] + sum(d["dropped"].values()) == d["prompts"]
+    assert [r["8"]["accuracy"] for r in res["decoding"]["interleaved B=4 gated lora self from sft"].values()] == [sft_acc, sft_acc]
     assert open(tmp_path / "bench.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert 0 <= res["padding"]["packed"] < 1 and 0 <= res["padding"]["padded"] < 1
     for name, rows in res["decoding"].items():
