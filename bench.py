@@ -12,12 +12,12 @@ held-out split. Prints Markdown tables, then one JSON line.
 """
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
 import time
 import weakref
+from collections import Counter
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -220,44 +220,40 @@ def resolve(overrides, b, tmp):
             if isinstance(v, str) else v for k, v in overrides.items()}
 
 
-def self_distill(b, data_dir, out_dir):
-    """The sft model's own greedy answers to the training split's prompts, made into a data dir the
-    way the README's recipe does (generate.py --out's rows, then prepare.py --input=G
+def self_distill(b, tmp):
+    """The sft model's own greedy answers to the training split's prompts, made into a data dir
+    ({self}) the way the README's recipe does (generate.py --out, then prepare.py --input=G
     --prompt_key=prompt --response_key=completion): what a drafter trained on them learns is what
     the model says, wrong answers included. Answers the decode budget cuts are dropped, counted."""
-    if os.path.isfile(os.path.join(out_dir, "meta.json")):
-        print(f"reusing {out_dir}", file=sys.stderr, flush=True)
-        return json.load(open(os.path.join(out_dir, "self_distill.json")))
+    done = os.path.join(tmp, "self_distill.json")   # written last: the data dir is complete
+    if os.path.isfile(done):
+        print(f"reusing {done}", file=sys.stderr, flush=True)
+        return json.load(open(done))
     pc = configure(defaults_from(vars(prepare)), [f"--toy_rows={PRESETS['quick' if b.quick else 'full']['toy_rows']}"])
     items = [(r["prompt"], r["target"]) for i, r in prepare.toy_task(pc.toy_rows, pc.seed) if not prepare.is_val(i, pc)]
-    model, info, tok = generate.load(run_dir(os.path.dirname(out_dir), "sft"), b.device)
+    model, info, tok = generate.load(run_dir(tmp, "sft"), b.device)
     t0 = time.time()
     records, s = generate.decode_and_score(model, info, tok, gen_config(b, batch_size=64, max_new_tokens=128,
-                                                                                    quiet=b.quick), items)
-    os.makedirs(out_dir + ".tmp", exist_ok=True)
-    rows = os.path.join(out_dir + ".tmp", "self.jsonl")
-    with open(rows, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+                                                                        quiet=b.quick), items)
+    generate.write_records(records, os.path.join(tmp, "self.jsonl"))
     meta = prepare.prepare(configure(defaults_from(vars(prepare)), [
-        f"--input={rows}", "--prompt_key=prompt", "--response_key=completion", f"--out_dir={out_dir}",
+        f"--input={tmp}/self.jsonl", "--prompt_key=prompt", "--response_key=completion", f"--out_dir={tmp}/data_self",
         f"--truncated={'keep' if b.quick else 'drop'}"]))   # the quick preset's 8-step model rarely stops
+    splits = meta["splits"].values()
     rec = {"prompts": len(records), "sft_train_accuracy": s["accuracy"], "decode_s": round(time.time() - t0, 1),
-           "kept": sum(st["rows"] for st in meta["splits"].values()),
-           "dropped": {k: sum(st["dropped"].get(k, 0) for st in meta["splits"].values())
-                       for k in {k for st in meta["splits"].values() for k in st["dropped"]}}}
-    json.dump(rec, open(os.path.join(out_dir, "self_distill.json"), "w"))
-    shutil.rmtree(out_dir + ".tmp")
+           "kept": sum(st["rows"] for st in splits), "dropped": dict(sum((Counter(st["dropped"]) for st in splits), Counter()))}
+    json.dump(rec, open(done, "w"))
     return rec
 
 
 def decode_all(b, data_dir, tmp, runs, res):
     out = res["decoding"] = {}
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))   # the held-out split's keys, for every run
     for name, (overrides, decoders) in runs.items():
         out_run = run_dir(tmp, name)
+        if "{self}" in overrides.values() and "self_distill" not in res:   # after the sft run, which it decodes
+            res["self_distill"] = self_distill(b, tmp)
         overrides = resolve(overrides, b, tmp)
-        if overrides.get("data_dir") == os.path.join(tmp, "data_self") and "self_distill" not in res:
-            res["self_distill"] = self_distill(b, data_dir, overrides["data_dir"])
         c = train_config(b, data_dir, out_run, name, overrides)
         final = os.path.join(out_run, f"ckpt_{c.max_iters:07d}")
         if os.path.isdir(final):   # a finished run from an earlier invocation with this out_dir
@@ -267,7 +263,6 @@ def decode_all(b, data_dir, tmp, runs, res):
             train.train(c)
             print(f"trained {name} in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
         model, info, tok = generate.load(out_run, b.device)
-        meta = json.load(open(os.path.join(data_dir, "meta.json")))   # the held-out split's keys, for every run
         items = generate.load_prompts(gen_config(b, data=os.path.join(data_dir, "val.jsonl"), limit=b.eval_n,
                                                  prompt_key=meta["prompt_key"], answer_key=meta["response_key"]), info)
         ar = {bs: measure(b, model, info, tok, items, {}, bs) for bs in (1, 8)} if info["mode"] != "diffusion" or info.get("causal_clean") else None

@@ -245,6 +245,13 @@ def count_identical(records, path):
     return sum(r["completion_ids"] == q["completion_ids"] and r["eos"] == q.get("eos") for r, q in zip(records, ref))
 
 
+def write_records(records, path):
+    """--out: one json line per prompt, which prepare.py --response_key=completion reads back."""
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
 def main(argv=None):
     c = configure(defaults_from(globals()), argv)
     print_config(c, file=sys.stderr)
@@ -259,9 +266,7 @@ def main(argv=None):
     if c.same_as:
         summary["identical"] = count_identical(records, c.same_as)
     if c.out:
-        with open(c.out, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        write_records(records, c.out)
     if len(records) <= 3:
         for r in records:
             shown = r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"], ensure_ascii=False)
