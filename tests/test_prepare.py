@@ -174,13 +174,21 @@ def test_toy_task_is_deterministic():
 
 def self_distilled(init_from, tokenizer, tmp, rows, max_new_tokens, truncated="keep"):
     """generate.py --data=rows --out=G, then prepare.py --input=G --response_key=completion: the
-    training rows and the decoded records, in order."""
+    training rows and the decoded records, in order. max_new_tokens is one budget, or one per row
+    (rows decoded one generate.py call per budget, their records joined in row order)."""
     import generate
-    with open(f"{tmp}/rows.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    generate.main([f"--init_from={init_from}", f"--data={tmp}/rows.jsonl", "--prompt_key=prompt", "--quiet=True",
-                   f"--max_new_tokens={max_new_tokens}", f"--out={tmp}/G.jsonl"])
-    recs = [json.loads(l) for l in open(f"{tmp}/G.jsonl")]
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(rows)
+    recs = [None] * len(rows)
+    for n in sorted(set(budgets)):
+        idx = [i for i, b in enumerate(budgets) if b == n]
+        with open(f"{tmp}/rows.jsonl", "w") as f:
+            f.writelines(json.dumps(rows[i]) + "\n" for i in idx)
+        generate.main([f"--init_from={init_from}", f"--data={tmp}/rows.jsonl", "--prompt_key=prompt", "--quiet=True",
+                       f"--max_new_tokens={n}", f"--out={tmp}/G{n}.jsonl"])
+        for i, line in zip(idx, open(f"{tmp}/G{n}.jsonl")):
+            recs[i] = json.loads(line)
+    with open(f"{tmp}/G.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
     prepare.prepare(configure(defaults_from(vars(prepare)), [
         f"--input={tmp}/G.jsonl", "--prompt_key=prompt", "--response_key=completion", f"--tokenizer={tokenizer}",
         f"--out_dir={tmp}/sd_{truncated}", "--val_fraction=0", f"--truncated={truncated}"]))
@@ -210,14 +218,15 @@ def test_self_distillation_round_trip_byte(tmp_path):
     prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={tmp_path}/d", "--toy_rows=300"]))
     train.main([f"--data_dir={tmp_path}/d", f"--out_dir={tmp_path}/m", "--n_layer=2", "--n_head=2", "--n_kv_head=2",
                 "--n_embd=64", "--max_iters=150", "--learning_rate=1e-2", "--batch_size=8", "--eval_interval=0",
-                "--log_interval=1000", "--save_interval=1000"])   # enough to end some answers with EOS
+                "--log_interval=1000", "--save_interval=1000"])   # enough to end its answers (~50 bytes) with EOS
     rows = [{"prompt": "Compute 2+3."}, {"prompt": [{"role": "user", "content": "Compute 7-4+1."}]},
             {"prompt": "Compute 9+9-9."}, {"prompt": "héllo <think>\n"}]
-    recs, d = self_distilled(f"{tmp_path}/m", "byte", tmp_path, rows, 40)
+    budgets = [120, 120, 120, 8]   # room to finish; the last cut mid-trace, never long enough to end
+    recs, d = self_distilled(f"{tmp_path}/m", "byte", tmp_path, rows, budgets)
     assert recs[1]["prompt"] == rows[1]["prompt"]   # the prompt as given, not its rendering
     check_round_trip(f"{tmp_path}/m", recs, d)
     assert {r["eos"] for r in recs} == {True, False}, recs   # both kinds of row occur ...
-    recs2, d2 = self_distilled(f"{tmp_path}/m", "byte", tmp_path, rows, 40, truncated="drop")
+    recs2, d2 = self_distilled(f"{tmp_path}/m", "byte", tmp_path, rows, budgets, truncated="drop")
     meta = json.load(open(f"{d2}/meta.json"))   # ... and a completion cut short is dropped and counted
     split = meta["splits"]["train"]
     assert split["rows"] == sum(r["eos"] for r in recs) and split["dropped"]["no_eos"] == sum(not r["eos"] for r in recs)
