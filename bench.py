@@ -42,6 +42,7 @@ gsm8k = "../shared/data/gsm8k/train.jsonl"   # for prepare.py's throughput (skip
 only = ""                # comma-separated names from RUNS (default: all); sft always runs (the reference)
 plot = "bench.png"       # accuracy against tokens/forward for every decoder row (needs matplotlib; "" = none)
 lora_rank = 32           # rank of the LoRA / gated LoRA runs from sft
+drafter_steps = 3        # the gated drafters train this many times the preset's max_iters (their lever: README)
 forward_cost = ""        # only r(k) of this model (an HF folder, a checkpoint or a .gguf file), then exit
 context = 200            # r(k): tokens in the KV cache before the timed forwards
 
@@ -51,9 +52,11 @@ PRESETS = {  # model, data and budget; every mode gets the same
     "quick": dict(toy_rows=600, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, max_iters=8, batch_size=4,
                   learning_rate=3e-3, min_lr=3e-4, warmup_iters=2),
 }
-GATED = {"lora_rank": "{rank}", "lora_alpha": "{rank}", "gated_lora": True, "sampler_head": True}
+GATED = {"lora_rank": "{rank}", "lora_alpha": "{rank}", "gated_lora": True, "sampler_head": True,
+         "max_iters": "{drafter_iters}"}
 # trained mode -> (train overrides, [(decoder label, generate overrides)]); placeholders: {sft} the sft run,
-# {rank} --lora_rank, {self} the sft model's own greedy answers to the training prompts (self-distillation)
+# {rank} --lora_rank, {drafter_iters} --drafter_steps x max_iters, {self} the sft model's own greedy answers
+# to the training prompts (self-distillation)
 RUNS = {
     "sft": ({}, [("ar", {})]),
     "refine": ({"mode": "refine", "num_iterations": 2, "ar_loss_weight": 1.0},
@@ -214,9 +217,9 @@ def padding(data_dir, b):
 
 
 def resolve(overrides, b, tmp):
-    """Fill the placeholders of RUNS: {sft} (the sft run's folder), {rank} (--lora_rank), {self}."""
-    return {k: (int(v.format(rank=b.lora_rank)) if v == "{rank}" else
-                v.format(sft=run_dir(tmp, "sft"), self=os.path.join(tmp, "data_self")))
+    """Fill the placeholders of RUNS: {sft} (the sft run's folder), {rank}, {drafter_iters}, {self}."""
+    ints = {"{rank}": b.lora_rank, "{drafter_iters}": b.drafter_steps * PRESETS["quick" if b.quick else "full"]["max_iters"]}
+    return {k: ints[v] if v in ints else v.format(sft=run_dir(tmp, "sft"), self=os.path.join(tmp, "data_self"))
             if isinstance(v, str) else v for k, v in overrides.items()}
 
 
@@ -443,14 +446,14 @@ def main(argv=None):
         return print(json.dumps({"forward_cost": r, "device": b.device, "threads": torch.get_num_threads()}))
     runs = select_runs(b)
     if b.quick:
-        b.eval_n, b.speed_n, b.time_steps, b.lora_rank = 16, 8, 2, 4
+        b.eval_n, b.speed_n, b.time_steps, b.lora_rank, b.drafter_steps = 16, 8, 2, 4, 1
     tmp = b.out_dir or tempfile.mkdtemp(prefix="bench-")
     data_dir = os.path.join(tmp, "data")
     preset = PRESETS["quick" if b.quick else "full"]
     prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={data_dir}", f"--toy_rows={preset['toy_rows']}"]))
     t0 = time.time()
     res = {"preset": "quick" if b.quick else "full", "device": b.device, "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "lora_rank": b.lora_rank}
+           "threads": torch.get_num_threads(), "lora_rank": b.lora_rank, "drafter_steps": b.drafter_steps}
     decode_all(b, data_dir, tmp, runs, res)   # first: the LoRA runs' step is timed on the sft model
     res["training"] = time_training(b, data_dir, tmp, runs)
     res["padding"] = padding(data_dir, b)
