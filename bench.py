@@ -273,7 +273,11 @@ def decode_all(b, data_dir, tmp, runs, res):
         for label, kw in decoders:
             if label != "ar":
                 rows[label] = {bs: measure(b, model, info, tok, items, kw, bs) for bs in (1, 8)}
+        records = {label: r[8].pop("records") for label, r in rows.items()}
         for label, r in rows.items():
+            r[8]["decoded"] = len(records[label])
+            if ar:   # completions token for token the same model's AR ones (a lossless decoder: all)
+                r[8]["same_as_ar"] = generate.identical(records[label], records["ar"])
             for bs in (1, 8):
                 if ar:
                     r[bs]["speedup_vs_ar"] = r[bs]["speed_tokens_per_second"] / ar[bs]["speed_tokens_per_second"]
@@ -291,8 +295,8 @@ def measure(b, model, info, tok, items, kw, bs):
     g = torch.Generator(device=b.device).manual_seed(0)
     rec = {}
     if bs == 8:
-        _, s = generate.decode_and_score(model, info, tok, c, items, g)
-        rec.update(accuracy=s.get("accuracy"), tokens_per_forward=s["tokens_per_forward"])
+        records, s = generate.decode_and_score(model, info, tok, c, items, g)
+        rec.update(accuracy=s.get("accuracy"), tokens_per_forward=s["tokens_per_forward"], records=records)
     # warm-up over the same prompts: CPU kernels set up per shape on first use (oneDNN), and the
     # first model decoded would otherwise pay for every shape
     generate.decode_and_score(model, info, tok, c, items[:b.speed_n], g)
@@ -386,13 +390,14 @@ def tables(res):
                   f"({100 * d['sft_train_accuracy']:.1f}% correct), {d['kept']:,} kept, dropped {d['dropped'] or 0}, "
                   f"decoded in {d['decode_s']:.0f} s", ""]
     lines += [
-              "| trained | decoder | accuracy | tokens/forward | tok/s b=1 | vs ar b=1 | tok/s b=8 | vs ar b=8 |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| trained | decoder | accuracy | same as ar | tokens/forward | tok/s b=1 | vs ar b=1 | tok/s b=8 | vs ar b=8 |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, rows in res["decoding"].items():
         for label, r in rows.items():
             acc = r[8]["accuracy"]
             vs = lambda bs: f"{r[bs]['speedup_vs_ar']:.2f}x" if "speedup_vs_ar" in r[bs] else "-"
-            lines.append(f"| {name} | {label} | {100 * acc:.1f}% | {r[8]['tokens_per_forward']:.2f} | "
+            same = f"{r[8]['same_as_ar']}/{r[8]['decoded']}" if "same_as_ar" in r[8] else "-"
+            lines.append(f"| {name} | {label} | {100 * acc:.1f}% | {same} | {r[8]['tokens_per_forward']:.2f} | "
                          f"{r[1]['speed_tokens_per_second']:,.0f} | {vs(1)} | {r[8]['speed_tokens_per_second']:,.0f} | {vs(8)} |")
     return "\n".join(lines)
 

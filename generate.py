@@ -242,6 +242,11 @@ def count_identical(records, path):
     for i, (r, q) in enumerate(zip(records, ref)):
         if q.get("prompt") != r["prompt"] or "completion_ids" not in q:
             raise UserError(f"same_as={path}: row {i + 1} is not this run's prompt {i + 1} with its completion_ids")
+    return identical(records, ref)
+
+
+def identical(records, ref):
+    """How many records end exactly as the same row of ref: the same completion tokens, and EOS or not."""
     return sum(r["completion_ids"] == q["completion_ids"] and r["eos"] == q.get("eos") for r, q in zip(records, ref))
 
 

@@ -17,6 +17,8 @@ def test_bench_quick_json_has_every_field(tmp_path):
     # gated adapters leave the sft model's own output alone: AR and verify score exactly what sft's AR does
     sft_acc = res["decoding"]["sft"]["ar"]["8"]["accuracy"]
     assert [r["8"]["accuracy"] for r in res["decoding"][gated].values()] == [sft_acc, sft_acc]
+    for name in (gated, "interleaved B=4 gated lora self from sft"):   # --verify: token for token its AR
+        assert [(r["8"]["same_as_ar"], r["8"]["decoded"]) for r in res["decoding"][name].values()] == [(16, 16)] * 2
     # self-distillation: every training prompt decoded, each answer kept or counted; the drafter trained
     # on them still returns sft's answers
     d = res["self_distill"]
@@ -34,6 +36,7 @@ def test_bench_quick_json_has_every_field(tmp_path):
             assert "accuracy" in r["8"]
             if "diffusion" not in name:   # diffusion checkpoints have no AR decoding to compare with
                 assert "speedup_vs_ar" in r["1"] and "speedup_vs_ar" in r["8"]
+                assert 0 <= r["8"]["same_as_ar"] <= r["8"]["decoded"] and (label != "ar" or r["8"]["same_as_ar"] == 16)
     assert res["hf_generate"]["ratio"] > 0
     r = res["forward_cost"]["ratio"]
     assert r["1"] == 1.0 and set(r) == {"1", "2", "4", "8", "16", "32"} and all(v > 0 for v in r.values())
