@@ -6,6 +6,7 @@ exec(open("config/toy.py").read())
 init_from = "out/toy"
 out_dir = "out/toy_gated"
 mode = "interleaved"
+max_iters = 1800   # 3x the sft run's: the drafter's tokens/forward rise with training length (README, bench.py)
 block_size = 4
 max_length = 384   # rows hold the MASK slots too
 lora_rank = 32
