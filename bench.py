@@ -5,7 +5,8 @@ Trains every mode with the same budget on the toy task, in this process, then de
 held-out split. Prints Markdown tables, then one JSON line.
 
     python bench.py --quick          # a smoke run, under two minutes on 2 CPU cores
-    python bench.py                  # the README table (about half an hour on 2 CPU cores)
+    python bench.py                  # the README tables (long on 2 CPU cores: each gated drafter
+                                     # alone trains ~10 min; pick runs with --only)
     python bench.py --device=cuda    # adds MFU
     python bench.py --only="interleaved B=4 gated lora from sft"   # some runs (sft always), reusing
                                      # finished runs in --out_dir; bench.png: accuracy vs tokens/forward
