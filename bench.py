@@ -261,6 +261,7 @@ def decode_all(b, data_dir, tmp, runs, res):
         c = train_config(b, data_dir, out_run, name, overrides)
         final = os.path.join(out_run, f"ckpt_{c.max_iters:07d}")
         if os.path.isdir(final):   # a finished run from an earlier invocation with this out_dir
+            check_reuse(c, final)
             print(f"reusing {final}", file=sys.stderr, flush=True)
         else:
             t0 = time.time()
@@ -283,6 +284,16 @@ def decode_all(b, data_dir, tmp, runs, res):
                 if ar:
                     r[bs]["speedup_vs_ar"] = r[bs]["speed_tokens_per_second"] / ar[bs]["speed_tokens_per_second"]
         out[name] = rows
+
+
+def check_reuse(c, final):
+    """A finished run is reused only if it was trained with exactly these settings (a run is found
+    by its name and step count: another --lora_rank, say, would otherwise be silently reused)."""
+    old = torch.load(os.path.join(final, "train_state.pt"), map_location="cpu", weights_only=True)["config"]
+    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in sorted(vars(c).items())
+               if k not in ("out_dir", "device") and k in old and old[k] != v]
+    if changed:
+        raise UserError(f"{final} was trained with other settings ({', '.join(changed)}): use another --out_dir")
 
 
 def gen_config(b, **kw):

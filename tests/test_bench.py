@@ -2,6 +2,9 @@
 import json
 import math
 
+import pytest
+
+from configurator import UserError, configure, defaults_from
 from conftest import run_script
 
 
@@ -56,3 +59,13 @@ def test_bench_quick_json_has_every_field(tmp_path):
                 if "ar" in rows and "speedup_vs_ar" in r[bs]:
                     want = r[bs]["speed_tokens_per_second"] / rows["ar"][bs]["speed_tokens_per_second"]
                     assert math.isclose(r[bs]["speedup_vs_ar"], want, rel_tol=1e-6), (name, label, bs)
+    # a finished run is reused only with the settings it was trained with
+    import bench
+    b = configure(defaults_from(vars(bench)), ["--quick=True", "--lora_rank=4", "--drafter_steps=1"])
+    runs = str(tmp_path / "runs")
+    c = bench.train_config(b, f"{runs}/data", bench.run_dir(runs, gated), gated, bench.resolve(bench.RUNS[gated][0], b, runs))
+    final = f"{bench.run_dir(runs, gated)}/ckpt_{c.max_iters:07d}"
+    bench.check_reuse(c, final)
+    c.lora_rank = 8
+    with pytest.raises(UserError, match="lora_rank 4 -> 8"):
+        bench.check_reuse(c, final)
