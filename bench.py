@@ -30,6 +30,7 @@ import prepare
 import batching
 import train
 from configurator import UserError, configure, cli, defaults_from
+from checkpoint import config_changes, latest_checkpoint
 from model import KVCache
 
 quick = False            # the smoke preset
@@ -143,8 +144,12 @@ class SavedBytes:
         return box.t
 
 
+def preset(b):
+    return PRESETS["quick" if b.quick else "full"]
+
+
 def train_config(b, data_dir, out, name, overrides):
-    args = {k: v for k, v in PRESETS["quick" if b.quick else "full"].items() if k != "toy_rows"}
+    args = {k: v for k, v in preset(b).items() if k != "toy_rows"}
     args.update(data_dir=data_dir, out_dir=out, max_length=LENGTH.get(overrides.get("mode"), 256), eval_interval=0,
                 log_interval=10 ** 9, save_interval=10 ** 9, device=b.device)
     args.update(overrides)
@@ -219,7 +224,7 @@ def padding(data_dir, b):
 
 def resolve(overrides, b, tmp):
     """Fill the placeholders of RUNS: {sft} (the sft run's folder), {rank}, {drafter_iters}, {self}."""
-    ints = {"{rank}": b.lora_rank, "{drafter_iters}": b.drafter_steps * PRESETS["quick" if b.quick else "full"]["max_iters"]}
+    ints = {"{rank}": b.lora_rank, "{drafter_iters}": b.drafter_steps * preset(b)["max_iters"]}
     return {k: ints[v] if v in ints else v.format(sft=run_dir(tmp, "sft"), self=os.path.join(tmp, "data_self"))
             if isinstance(v, str) else v for k, v in overrides.items()}
 
@@ -233,7 +238,7 @@ def self_distill(b, tmp):
     if os.path.isfile(done):
         print(f"reusing {done}", file=sys.stderr, flush=True)
         return json.load(open(done))
-    pc = configure(defaults_from(vars(prepare)), [f"--toy_rows={PRESETS['quick' if b.quick else 'full']['toy_rows']}"])
+    pc = configure(defaults_from(vars(prepare)), [f"--toy_rows={preset(b)['toy_rows']}"])
     items = [(r["prompt"], r["target"]) for i, r in prepare.toy_task(pc.toy_rows, pc.seed) if not prepare.is_val(i, pc)]
     model, info, tok = generate.load(run_dir(tmp, "sft"), b.device)
     t0 = time.time()
@@ -260,8 +265,9 @@ def decode_all(b, data_dir, tmp, runs, res):
         overrides = resolve(overrides, b, tmp)
         c = train_config(b, data_dir, out_run, name, overrides)
         final = os.path.join(out_run, f"ckpt_{c.max_iters:07d}")
-        if os.path.isdir(final):   # a finished run from an earlier invocation with this out_dir
-            check_reuse(c, final)
+        if latest_checkpoint(out_run):   # an earlier invocation's run with this out_dir: only with these settings
+            check_reuse(c, latest_checkpoint(out_run))
+        if os.path.isdir(final):
             print(f"reusing {final}", file=sys.stderr, flush=True)
         else:
             t0 = time.time()
@@ -286,14 +292,14 @@ def decode_all(b, data_dir, tmp, runs, res):
         out[name] = rows
 
 
-def check_reuse(c, final):
-    """A finished run is reused only if it was trained with exactly these settings (a run is found
-    by its name and step count: another --lora_rank, say, would otherwise be silently reused)."""
-    old = torch.load(os.path.join(final, "train_state.pt"), map_location="cpu", weights_only=True)["config"]
-    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in sorted(vars(c).items())
-               if k not in ("out_dir", "device") and k in old and old[k] != v]
+def check_reuse(c, ckpt):
+    """An earlier invocation's run (finished, or cut short: it resumes) is used only if it was trained
+    with exactly these settings: a run is found by its name, so another --lora_rank or --drafter_steps
+    would otherwise be reused, or continued with a spliced schedule."""
+    changed = {k: v for k, v in config_changes(ckpt, vars(c)).items() if k not in ("out_dir", "device")}
     if changed:
-        raise UserError(f"{final} was trained with other settings ({', '.join(changed)}): use another --out_dir")
+        raise UserError(f"{ckpt} was trained with other settings ("
+                        f"{', '.join(f'{k} {a!r} -> {v!r}' for k, (a, v) in changed.items())}): use another --out_dir")
 
 
 def gen_config(b, **kw):
@@ -461,13 +467,14 @@ def main(argv=None):
         print(f"{b.forward_cost}: t(1) {r['t1_ms']:.1f} ms after {b.context} tokens; r(k) = t(k)/t(1): " +
               ", ".join(f"k={k} {v:.2f}" for k, v in r["ratio"].items()))
         return print(json.dumps({"forward_cost": r, "device": b.device, "threads": torch.get_num_threads()}))
+    if b.drafter_steps < 1:
+        raise UserError(f"drafter_steps={b.drafter_steps}: expected a whole number >= 1 (times the preset's max_iters)")
     runs = select_runs(b)
     if b.quick:
         b.eval_n, b.speed_n, b.time_steps, b.lora_rank, b.drafter_steps = 16, 8, 2, 4, 1
     tmp = b.out_dir or tempfile.mkdtemp(prefix="bench-")
     data_dir = os.path.join(tmp, "data")
-    preset = PRESETS["quick" if b.quick else "full"]
-    prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={data_dir}", f"--toy_rows={preset['toy_rows']}"]))
+    prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={data_dir}", f"--toy_rows={preset(b)['toy_rows']}"]))
     t0 = time.time()
     res = {"preset": "quick" if b.quick else "full", "device": b.device, "torch": torch.__version__,
            "threads": torch.get_num_threads(), "lora_rank": b.lora_rank, "drafter_steps": b.drafter_steps}

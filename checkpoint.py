@@ -285,13 +285,19 @@ MAY_CHANGE = {"init_from", "resume", "out_dir", "max_iters", "epochs", "eval_int
               "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "weight_decay", "beta1", "beta2", "grad_clip"}
 
 
+def config_changes(path, config):
+    """{key: (stored, given)} for each setting of `config` that differs from the one stored in
+    checkpoint `path` (data_dir compared as the folder it names, not as spelled)."""
+    old = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)["config"]
+    same = lambda k, a, b: (os.path.realpath(a) == os.path.realpath(b)) if k == "data_dir" else a == b
+    return {k: (old[k], v) for k, v in sorted(config.items()) if k in old and not same(k, old[k], v)}
+
+
 def check_resume(c, path):
     """The config as given against the one stored in checkpoint `path`: a change outside
     MAY_CHANGE is one error naming each key with its old and new value; returns the allowed
     changes as text ('' when none)."""
-    old = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)["config"]
-    same = lambda k, a, b: (os.path.realpath(a) == os.path.realpath(b)) if k == "data_dir" else a == b
-    changed = {k: (old[k], v) for k, v in sorted(c.config.items()) if k in old and not same(k, old[k], v)}
+    changed = config_changes(path, c.config)
     text = lambda keys: ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in keys)
     refused = [k for k in changed if k not in MAY_CHANGE]
     if refused:

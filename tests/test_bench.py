@@ -2,6 +2,8 @@
 import json
 import math
 
+from types import SimpleNamespace
+
 import pytest
 
 from configurator import UserError, configure, defaults_from
@@ -66,6 +68,6 @@ def test_bench_quick_json_has_every_field(tmp_path):
     c = bench.train_config(b, f"{runs}/data", bench.run_dir(runs, gated), gated, bench.resolve(bench.RUNS[gated][0], b, runs))
     final = f"{bench.run_dir(runs, gated)}/ckpt_{c.max_iters:07d}"
     bench.check_reuse(c, final)
-    c.lora_rank = 8
-    with pytest.raises(UserError, match="lora_rank 4 -> 8"):
-        bench.check_reuse(c, final)
+    for key, value, needle in (("lora_rank", 8, "lora_rank 4 -> 8"), ("max_iters", 24, "max_iters 8 -> 24")):
+        with pytest.raises(UserError, match=needle):   # another rank, or another length (not resumed)
+            bench.check_reuse(SimpleNamespace(**{**vars(c), key: value}), final)

@@ -185,7 +185,9 @@ def self_distilled(init_from, tokenizer, tmp, rows, max_new_tokens, truncated="k
             f.writelines(json.dumps(rows[i]) + "\n" for i in idx)
         generate.main([f"--init_from={init_from}", f"--data={tmp}/rows.jsonl", "--prompt_key=prompt", "--quiet=True",
                        f"--max_new_tokens={n}", f"--out={tmp}/G{n}.jsonl"])
-        for i, line in zip(idx, open(f"{tmp}/G{n}.jsonl")):
+        lines = open(f"{tmp}/G{n}.jsonl").readlines()
+        assert len(lines) == len(idx)
+        for i, line in zip(idx, lines):
             recs[i] = json.loads(line)
     with open(f"{tmp}/G.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in recs)
@@ -221,7 +223,7 @@ def test_self_distillation_round_trip_byte(tmp_path):
                 "--log_interval=1000", "--save_interval=1000"])   # enough to end its answers (~50 bytes) with EOS
     rows = [{"prompt": "Compute 2+3."}, {"prompt": [{"role": "user", "content": "Compute 7-4+1."}]},
             {"prompt": "Compute 9+9-9."}, {"prompt": "héllo <think>\n"}]
-    budgets = [120, 120, 120, 8]   # room to finish; the last cut mid-trace, never long enough to end
+    budgets = [120, 120, 120, 8]   # room to finish (~50 bytes); 8 bytes cut any answer mid-trace
     recs, d = self_distilled(f"{tmp_path}/m", "byte", tmp_path, rows, budgets)
     assert recs[1]["prompt"] == rows[1]["prompt"]   # the prompt as given, not its rendering
     check_round_trip(f"{tmp_path}/m", recs, d)
