@@ -20,7 +20,6 @@ import time
 import weakref
 from collections import Counter
 from contextlib import nullcontext
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ import batching
 import train
 from configurator import UserError, configure, cli, defaults_from
 from checkpoint import config_changes, latest_checkpoint
-from model import KVCache
+from speed import forward_cost_ratios, hf_generate_speed, prepare_speed, sync
 
 quick = False            # the smoke preset
 device = "cpu"
@@ -205,11 +204,6 @@ def time_training(b, data_dir, tmp, runs):
     return out
 
 
-def sync(dev):
-    if "cuda" in dev:
-        torch.cuda.synchronize()
-
-
 def padding(data_dir, b):
     """Padding fraction of an sft epoch, packed vs one example per row (padded to the batch's longest)."""
     c = train.resolve(train_config(b, data_dir, "", "sft", {}), 1)
@@ -265,9 +259,10 @@ def decode_all(b, data_dir, tmp, runs, res):
         overrides = resolve(overrides, b, tmp)
         c = train_config(b, data_dir, out_run, name, overrides)
         final = os.path.join(out_run, f"ckpt_{c.max_iters:07d}")
-        if latest_checkpoint(out_run):   # an earlier invocation's run with this out_dir: only with these settings
-            check_reuse(c, latest_checkpoint(out_run))
-        if os.path.isdir(final):
+        ck = latest_checkpoint(out_run)   # an earlier invocation's run with this out_dir: only with these settings
+        if ck:
+            check_reuse(c, ck)
+        if ck == final:
             print(f"reusing {final}", file=sys.stderr, flush=True)
         else:
             t0 = time.time()
@@ -322,75 +317,6 @@ def measure(b, model, info, tok, items, kw, bs):
     rec["speed_tokens_per_second"] = s["tokens_per_second"]
     rec.setdefault("tokens_per_forward", s["tokens_per_forward"])
     return rec
-
-
-def hf_generate_speed(n=256, reps=3):
-    """stories260K greedy decoding, 256 tokens from "Once upon a time": our KV cache vs
-    transformers' generate, same process, same threads; medians of interleaved repeats."""
-    import transformers
-    from decoders import decode_ar
-    from hf import from_pretrained
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "stories260K")
-    ids = transformers.AutoTokenizer.from_pretrained(path)("Once upon a time", return_tensors="pt").input_ids
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    ours = from_pretrained(path).eval()
-    c = gen_config(SimpleNamespace(device="cpu"), max_new_tokens=n)
-    info = {"eos_ids": [], "vocab_size": 512, "mask_id": 512}
-    runs = {"ours": lambda: decode_ar(ours, [ids[0].tolist()], c, info),
-            "hf": lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)}
-    times = {k: [] for k in runs}
-    for _ in range(reps + 1):
-        for k, f in runs.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    tps = {k: n / statistics.median(v[1:]) for k, v in times.items()}
-    return {"ours_tokens_per_s": tps["ours"], "hf_tokens_per_s": tps["hf"], "ratio": tps["ours"] / tps["hf"]}
-
-
-def forward_cost_ratios(model, context=200, ks=(1, 2, 4, 8, 16, 32), reps=7):
-    """r(k) = t(k) / t(1): one cached forward feeding k tokens after `context` tokens, against one
-    feeding a single token (medians of interleaved repeats; nothing is committed, so every forward
-    sees the same cache). A decoder that commits n tokens with forwards of k tokens gains about
-    n / r(k) over AR: the ceiling a drafter's tokens per forward buys on this machine."""
-    cfg, dev = model.config, next(model.parameters()).device
-    cache = KVCache(cfg, 1, context + max(ks), dev, next(model.parameters()).dtype)
-    g = torch.Generator().manual_seed(0)
-    times = {k: [] for k in ks}
-    with torch.no_grad():
-        model(torch.randint(0, cfg.vocab_size, (1, context), generator=g).to(dev), cache=cache)
-        cache.commit(context)
-        for _ in range(reps + 1):
-            for k in ks:
-                x = torch.randint(0, cfg.vocab_size, (1, k), generator=g).to(dev)
-                sync(str(dev))
-                t0 = time.perf_counter()
-                model(x, cache=cache)
-                sync(str(dev))
-                times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v[1:]) for k, v in times.items()}
-    return {"context": context, "t1_ms": 1000 * med[1], "ratio": {str(k): med[k] / med[1] for k in ks}}
-
-
-def prepare_speed(path, tmp):
-    """prepare.py's tokens/s on GSM8K train vs the bare tiktoken batch encoder on the same texts."""
-    if not os.path.isfile(path):
-        return None
-    rows = [json.loads(l) for l in open(path)]
-    tok = prepare.Tokenizer("gpt2")
-    texts = [t for r in rows for t in prepare.row_texts(tok, r, "question", "answer", "")]
-    bare, prep = [], []
-    for i in range(3):
-        t0 = time.perf_counter()
-        n = sum(len(x) for x in tok.enc.encode_ordinary_batch(texts))
-        bare.append(n / (time.perf_counter() - t0))
-        c = configure(defaults_from(vars(prepare)), [f"--input={path}", f"--out_dir={tmp}/gsm8k{i}", "--tokenizer=gpt2",
-                                                    "--prompt_key=question", "--response_key=answer", "--max_length=1024"])
-        t0 = time.perf_counter()
-        meta = prepare.prepare(c)
-        prep.append(sum(s["tokens"] for s in meta["splits"].values()) / (time.perf_counter() - t0))
-    return {"bare_tokens_per_s": statistics.median(bare), "prepare_tokens_per_s": statistics.median(prep),
-            "ratio": statistics.median(prep) / statistics.median(bare)}
 
 
 def tables(res):
