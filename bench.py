@@ -29,7 +29,7 @@ import prepare
 import batching
 import train
 from configurator import UserError, configure, cli, defaults_from
-from checkpoint import config_changes, latest_checkpoint
+from checkpoint import changes_text, config_changes, latest_checkpoint
 from speed import forward_cost_ratios, hf_generate_speed, prepare_speed, sync
 
 quick = False            # the smoke preset
@@ -293,8 +293,7 @@ def check_reuse(c, ckpt):
     would otherwise be reused, or continued with a spliced schedule."""
     changed = {k: v for k, v in config_changes(ckpt, vars(c)).items() if k not in ("out_dir", "device")}
     if changed:
-        raise UserError(f"{ckpt} was trained with other settings ("
-                        f"{', '.join(f'{k} {a!r} -> {v!r}' for k, (a, v) in changed.items())}): use another --out_dir")
+        raise UserError(f"{ckpt} was trained with other settings ({changes_text(changed)}): use another --out_dir")
 
 
 def gen_config(b, **kw):

@@ -293,14 +293,18 @@ def config_changes(path, config):
     return {k: (old[k], v) for k, v in sorted(config.items()) if k in old and not same(k, old[k], v)}
 
 
+def changes_text(changed, keys=None):
+    """'key old -> new, ...' for config_changes' result (only `keys`, in their order, if given)."""
+    return ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in (changed if keys is None else keys))
+
+
 def check_resume(c, path):
     """The config as given against the one stored in checkpoint `path`: a change outside
     MAY_CHANGE is one error naming each key with its old and new value; returns the allowed
     changes as text ('' when none)."""
     changed = config_changes(path, c.config)
-    text = lambda keys: ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in keys)
     refused = [k for k in changed if k not in MAY_CHANGE]
     if refused:
-        raise UserError(f"{path} was trained with other settings: {text(refused)}; resume with the stored values, "
+        raise UserError(f"{path} was trained with other settings: {changes_text(changed, refused)}; resume with the stored values, "
                         f"or train into another out_dir")
-    return text([k for k in changed if k not in ("init_from", "resume")])
+    return changes_text(changed, [k for k in changed if k not in ("init_from", "resume")])

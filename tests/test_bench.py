@@ -1,7 +1,6 @@
 """bench.py --quick: the smoke run CI does, and the fields its JSON line must carry."""
 import json
 import math
-
 from types import SimpleNamespace
 
 import pytest
