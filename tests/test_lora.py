@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import STORIES, assert_clean_error, checkpoint_tensors, run_script
+from conftest import STORIES, assert_clean_error, checkpoint_tensors, run_main
 from safetensors.torch import load_file
 
 import prepare
@@ -191,7 +191,7 @@ def test_lora_resume_equals_uninterrupted(stories_data, tmp_path):
               "--lora_dropout=0.1", "--batch_size=2", "--max_length=512", "--save_interval=3", "--log_interval=1"]
 
     def run(out, *args):
-        p = run_script("train.py", *common, f"--out_dir={out}", *args)
+        p = run_main("train.py", *common, f"--out_dir={out}", *args)
         assert p.returncode == 0, p.stderr[-3000:]
 
     run(tmp_path / "straight", "--max_iters=6")
@@ -212,7 +212,7 @@ def test_lora_bad_input_fails_cleanly(stories_data, tmp_path):
          "cannot be merged"),
     ]
     for args, needle in cases:
-        assert_clean_error(run_script("train.py", *base, *args), needle)
+        assert_clean_error(run_main("train.py", *base, *args), needle)
 
 
 def test_moved_or_changed_base_is_named(tmp_path):
@@ -227,9 +227,9 @@ def test_moved_or_changed_base_is_named(tmp_path):
     sd = {k: v + 1e-3 if k.endswith("norm.weight") else v for k, v in checkpoint_tensors(f"{tmp_path}/base").items()}
     shutil.rmtree(os.path.join(ck, "state"))
     dcp_call("save", {"model": sd}, checkpoint_id=os.path.join(ck, "state"), no_dist=True)
-    assert_clean_error(run_script("generate.py", f"--init_from={tmp_path}/o", "--prompt=1+2"), "trained on other weights")
+    assert_clean_error(run_main("generate.py", f"--init_from={tmp_path}/o", "--prompt=1+2"), "trained on other weights")
     shutil.rmtree(ck)
-    assert_clean_error(run_script("generate.py", f"--init_from={tmp_path}/o", "--prompt=1+2"), "is not there")
+    assert_clean_error(run_main("generate.py", f"--init_from={tmp_path}/o", "--prompt=1+2"), "is not there")
 
 
 @pytest.mark.parametrize("sampler", [False, True])

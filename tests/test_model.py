@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import EAGER_FLEX, STORIES, assert_clean_error, run_script
+from conftest import EAGER_FLEX, STORIES, assert_clean_error, run_main
 
 import transformers
 from decoders import decode_ar
@@ -195,11 +195,11 @@ def test_ar_with_eos_rows_finishing_at_different_steps_equals_full_recompute():
 def test_bad_checkpoints_give_one_clear_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_clean_error(run_script("generate.py", f"--init_from={empty}", "--prompt=hi"), "config.json")
+    assert_clean_error(run_main("generate.py", f"--init_from={empty}", "--prompt=hi"), "config.json")
     bad = tmp_path / "gpt2"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    assert_clean_error(run_script("generate.py", f"--init_from={bad}", "--prompt=hi"), "model_type 'gpt2'")
+    assert_clean_error(run_main("generate.py", f"--init_from={bad}", "--prompt=hi"), "model_type 'gpt2'")
     hf = _tiny_hf("llama")
     hf.save_pretrained(tmp_path / "shape")
     cfg = json.loads((tmp_path / "shape" / "config.json").read_text())

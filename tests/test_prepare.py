@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import assert_clean_error, run_script, shared_data
+from conftest import assert_clean_error, run_main, run_script, shared_data
 
 import prepare
 from configurator import configure, defaults_from
@@ -131,7 +131,7 @@ def test_bad_rows_fail_cleanly_naming_the_row(tmp_path, name):
     row, needle = BAD_ROWS[name]
     src = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine", "target": "fine"}] * 3 + [row])
     out = tmp_path / "out"
-    proc = run_script("prepare.py", f"--input={src}", f"--out_dir={out}")
+    proc = run_main("prepare.py", f"--input={src}", f"--out_dir={out}")
     assert_clean_error(proc, "bad.jsonl: row 3", needle)
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
 
@@ -151,10 +151,10 @@ def test_bad_files_and_settings_fail_cleanly(tmp_path):
         ([f"--input={good}", "--max_lenght=5"], "did you mean 'max_length'"),
     ]
     for args, needle in cases:
-        assert_clean_error(run_script("prepare.py", f"--out_dir={out}", *args), needle)
+        assert_clean_error(run_main("prepare.py", f"--out_dir={out}", *args), needle)
         assert not out.exists() and not [p for p in os.listdir(tmp_path) if "tmp" in p]
-    # an out_dir made with another tokenizer is refused, not mixed
-    assert run_script("prepare.py", f"--input={good}", f"--out_dir={out}", "--val_fraction=0").returncode == 0
+    # an out_dir made with another tokenizer is refused, not mixed (the script itself, as a user runs it)
+    assert run_main("prepare.py", f"--input={good}", f"--out_dir={out}", "--val_fraction=0").returncode == 0
     before = (out / "train.bin").read_bytes()
     assert_clean_error(run_script("prepare.py", f"--input={good}", f"--out_dir={out}", "--tokenizer=gpt2"),
                        "prepared with tokenizer 'byte'")

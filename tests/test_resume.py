@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from conftest import ROOT, assert_clean_error, checkpoint_tensors, run_script
+from conftest import ROOT, assert_clean_error, checkpoint_tensors, run_main, run_script
 
 import checkpoint
 import prepare
@@ -32,7 +32,7 @@ MODES = {
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
     prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={d}/data", "--toy_rows=400"]))
-    p = run_script("train.py", f"--data_dir={d}/data", f"--out_dir={d}/base", *SMALL, "--max_iters=2",
+    p = run_main("train.py", f"--data_dir={d}/data", f"--out_dir={d}/base", *SMALL, "--max_iters=2",
                    "--save_interval=2", "--eval_interval=0")
     assert p.returncode == 0, p.stderr[-2000:]
     return d

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_clean_error, checkpoint_tensors, run_script
+from conftest import ROOT, assert_clean_error, checkpoint_tensors, run_main, run_script
 
 import prepare
 import objectives
@@ -33,7 +33,9 @@ def losses(out_dir):
 
 
 def run_train(toy_data, out, *args, prefix=()):
-    proc = run_script(*prefix, "train.py", f"--data_dir={toy_data}", f"--out_dir={out}", *TINY, *args)
+    """train.py in this process, or under prefix (torchrun) as its own processes."""
+    argv = [f"--data_dir={toy_data}", f"--out_dir={out}", *TINY, *args]
+    proc = run_script(*prefix, "train.py", *argv) if prefix else run_main("train.py", *argv)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -108,8 +110,10 @@ def test_pack_rows_uses_every_example_once():
 
 def test_export_hf_and_wandb_offline(toy_data, tmp_path):
     import transformers
-    out = tmp_path / "o"
-    run_train(toy_data, out, "--max_iters=3", "--export_hf=True", "--wandb_log=True")
+    out = tmp_path / "o"   # its own process: wandb (offline there) keeps state in the process
+    p = run_script("train.py", f"--data_dir={toy_data}", f"--out_dir={out}", *TINY, "--max_iters=3", "--export_hf=True",
+                   "--wandb_log=True")
+    assert p.returncode == 0, p.stderr[-3000:]
     hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
     ours = from_pretrained(str(out / "hf")).eval()
     x = torch.randint(0, 258, (1, 40))
@@ -133,7 +137,7 @@ def test_bad_input_fails_cleanly(toy_data, tmp_path):
     cases.append(([f"--data_dir={stories_data}", "--init_from=assets/stories260K", "--max_length=1024",
                    "--mode=diffusion", "--gen_length=600", "--batch_size=1"], "beyond the model's 512 positions"))
     for args, needle in cases:
-        assert_clean_error(run_script("train.py", *base, *args), needle)
+        assert_clean_error(run_main("train.py", *base, *args), needle)
 
 
 def test_eval_only_reports_per_slot_accuracy_and_writes_nothing(toy_data, tmp_path):
@@ -143,7 +147,7 @@ def test_eval_only_reports_per_slot_accuracy_and_writes_nothing(toy_data, tmp_pa
     line = [l for l in p.stdout.splitlines() if " val " in l][-1]
     assert "acc_slot0" in line and "acc_slot2" in line and "acc_next" in line
     assert not [d for d in os.listdir(tmp_path / "eval") if d.startswith("ckpt_")]
-    assert_clean_error(run_script("train.py", f"--data_dir={toy_data}", f"--out_dir={tmp_path / 'eval'}", *TINY,
+    assert_clean_error(run_main("train.py", f"--data_dir={toy_data}", f"--out_dir={tmp_path / 'eval'}", *TINY,
                                   "--mode=interleaved", "--block_size=8", "--eval_only=True",
                                   f"--init_from={tmp_path / 'run'}"),
                        "was trained with --mode=interleaved --block_size=4; the config has --mode=interleaved --block_size=8")
@@ -226,17 +230,25 @@ def test_export_hf_writes_a_tokenizer_transformers_loads(tmp_path, spec):
     assert (hf.eos_token_id, hf.mask_token_id) == (ours.eos_id, ours.mask_id)
 
 
+@pytest.fixture(scope="module")
+def gated_single(toy_data, tmp_path_factory):
+    """A base model and gated LoRA + sampler head trained on it in one process (parallel= only
+    matters under torchrun): what both torchrun runs below must reproduce."""
+    d = tmp_path_factory.mktemp("gated")
+    run_train(toy_data, d / "base", "--max_iters=2")
+    common = ["--max_iters=4", "--gradient_accumulation_steps=2", "--mode=interleaved", "--max_length=256",
+              f"--init_from={d / 'base'}", "--lora_rank=4", "--gated_lora=True", "--sampler_head=True"]
+    run_train(toy_data, d / "single", *common)
+    return d / "single", common
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_gated_lora_matches_single_process(toy_data, tmp_path, parallel):
-    run_train(toy_data, tmp_path / "base", "--max_iters=2")
-    common = ["--max_iters=4", "--gradient_accumulation_steps=2", f"--parallel={parallel}", "--mode=interleaved",
-              "--max_length=256",
-              f"--init_from={tmp_path / 'base'}", "--lora_rank=4", "--gated_lora=True", "--sampler_head=True"]
-    run_train(toy_data, tmp_path / "single", *common)
-    run_train(toy_data, tmp_path / "dist", *common,
+def test_torchrun_gated_lora_matches_single_process(toy_data, tmp_path, gated_single, parallel):
+    single, common = gated_single
+    run_train(toy_data, tmp_path / "dist", *common, f"--parallel={parallel}",
               prefix=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
-    assert np.allclose(losses(tmp_path / "single"), losses(tmp_path / "dist"), rtol=0, atol=1e-5)
-    a, b = checkpoint_tensors(tmp_path / "single"), checkpoint_tensors(tmp_path / "dist")
+    assert np.allclose(losses(single), losses(tmp_path / "dist"), rtol=0, atol=1e-5)
+    a, b = checkpoint_tensors(single), checkpoint_tensors(tmp_path / "dist")
     assert set(a) == set(b) and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
 
 
@@ -245,7 +257,7 @@ def test_empty_validation_split_trains_without_evaluation(tmp_path):
                                                              "--val_fraction=0"]))
     p = run_train(f"{tmp_path}/d", tmp_path / "o", "--max_iters=2", "--eval_interval=1")
     assert p.stdout.count("the validation split is empty") == 1 and "| val " not in p.stdout
-    assert_clean_error(run_script("train.py", f"--data_dir={tmp_path}/d", f"--out_dir={tmp_path}/o", *TINY,
+    assert_clean_error(run_main("train.py", f"--data_dir={tmp_path}/d", f"--out_dir={tmp_path}/o", *TINY,
                                   "--eval_only=True"), "empty validation split")
 
 
