@@ -230,19 +230,20 @@ def summarize(records, seconds):
     return s
 
 
-def count_identical(records, path):
-    """How many records have exactly the completion tokens of the same row of an earlier --out."""
+def read_same_as(path, items):
+    """--same_as: an earlier --out of these prompts, read before decoding (a wrong file fails now,
+    not after the decode)."""
     try:
         with open(path) as f:
             ref = [json.loads(l) for l in f if l.strip()]
     except (OSError, ValueError) as e:
         raise UserError(f"same_as={path}: cannot read it as jsonl ({e})") from None
-    if len(ref) != len(records):
-        raise UserError(f"same_as={path}: {len(ref)} rows, this run decoded {len(records)}")
-    for i, (r, q) in enumerate(zip(records, ref)):
-        if q.get("prompt") != r["prompt"] or "completion_ids" not in q:
+    if len(ref) != len(items):
+        raise UserError(f"same_as={path}: {len(ref)} rows, this run decodes {len(items)}")
+    for i, (q, (prompt, _)) in enumerate(zip(ref, items)):
+        if q.get("prompt") != prompt or "completion_ids" not in q:
             raise UserError(f"same_as={path}: row {i + 1} is not this run's prompt {i + 1} with its completion_ids")
-    return identical(records, ref)
+    return ref
 
 
 def identical(records, ref):
@@ -250,11 +251,25 @@ def identical(records, ref):
     return sum(r["completion_ids"] == q["completion_ids"] and r["eos"] == q.get("eos") for r, q in zip(records, ref))
 
 
+def check_out(path):
+    """--out: its folder made and the path writable before decoding, not found out after it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"out={path}: cannot make its folder ({e.strerror})") from None
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise UserError(f"out={path}: not a file path this process can write")
+
+
 def write_records(records, path):
-    """--out: one json line per prompt, which prepare.py --response_key=completion reads back."""
-    with open(path, "w") as f:
+    """--out: one json line per prompt, which prepare.py --response_key=completion reads back;
+    written whole (a temporary file renamed), so a killed run leaves no half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -266,10 +281,13 @@ def main(argv=None):
         raise UserError(f"dtype={c.dtype!r}: expected float32 or bfloat16")
     model, info, tok = load(c.init_from, c.device, dt)
     items = load_prompts(c, info)
+    ref = read_same_as(c.same_as, items) if c.same_as else None
+    if c.out:
+        check_out(c.out)
     gen = torch.Generator(device=c.device).manual_seed(c.seed)
     records, summary = decode_and_score(model, info, tok, c, items, gen)
-    if c.same_as:
-        summary["identical"] = count_identical(records, c.same_as)
+    if ref is not None:
+        summary["identical"] = identical(records, ref)
     if c.out:
         write_records(records, c.out)
     if len(records) <= 3:

@@ -1,9 +1,10 @@
 """generate.py: scoring, the command-line contract, AR against the slow reference."""
 import json
+import os
 
 import pytest
 import torch
-from conftest import assert_clean_error, run_script
+from conftest import assert_clean_error, run_main, run_script
 
 from decoders import sample
 from generate import extract_answer, is_correct
@@ -35,8 +36,8 @@ def test_top_p_keeps_only_the_nucleus():
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("gen")
-    assert run_script("prepare.py", f"--out_dir={d}/data", "--toy_rows=400").returncode == 0
-    p = run_script("train.py", f"--data_dir={d}/data", f"--out_dir={d}/out", "--max_iters=2", "--n_layer=1",
+    assert run_main("prepare.py", f"--out_dir={d}/data", "--toy_rows=400").returncode == 0
+    p = run_main("train.py", f"--data_dir={d}/data", f"--out_dir={d}/out", "--max_iters=2", "--n_layer=1",
                    "--n_embd=32", "--n_head=2", "--n_kv_head=2", "--eval_interval=0", "--batch_size=4")
     assert p.returncode == 0, p.stderr
     return d
@@ -58,9 +59,9 @@ def test_cli_contract(tiny_ckpt):
 def test_cli_errors(tiny_ckpt):
     assert_clean_error(run_script("generate.py", f"--init_from={tiny_ckpt}/out", "--prompt=x", "--method=beam"),
                        "unknown method 'beam'")
-    assert_clean_error(run_script("generate.py", f"--init_from={tiny_ckpt}/out"), "exactly one of")
+    assert_clean_error(run_main("generate.py", f"--init_from={tiny_ckpt}/out"), "exactly one of")
     # a method that does not match how the checkpoint was trained says so
-    assert_clean_error(run_script("generate.py", f"--init_from={tiny_ckpt}/out", "--prompt=x", "--method=diffusion"),
+    assert_clean_error(run_main("generate.py", f"--init_from={tiny_ckpt}/out", "--prompt=x", "--method=diffusion"),
                        "cannot decode a checkpoint trained with mode=sft")
 
 
@@ -79,5 +80,26 @@ def test_same_as_counts_identical_completions(tiny_ckpt, capsys):
     for path, want in ((ref, 5), (edited, 4)):
         generate.main([*args, f"--same_as={path}"])
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["identical"] == want
-    with pytest.raises(UserError, match="4 rows, this run decoded 5"):
+    with pytest.raises(UserError, match="4 rows, this run decodes 5"):
         generate.main([*args, f"--same_as={short}"])
+
+
+def test_out_and_same_as_are_checked_before_decoding(tiny_ckpt, tmp_path, monkeypatch):
+    """A decode can take hours: --out's folder is made (and a path it cannot write refused) and
+    --same_as read before the first forward, and --out is written whole."""
+    import generate
+    from configurator import UserError
+    args = [f"--init_from={tiny_ckpt}/out", f"--data={tiny_ckpt}/data/val.jsonl", "--limit=3", "--max_new_tokens=4",
+            "--quiet=True"]
+    decoded, decode = [], generate.decode_and_score
+    monkeypatch.setattr(generate, "decode_and_score", lambda *a: decoded.append(1) or decode(*a))
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "a.jsonl").write_text('{"prompt": "not this one", "completion_ids": [1]}\n' * 3)
+    for bad, needle in ((f"--out={tmp_path}/adir", "not a file path"), (f"--same_as={tmp_path}/none.jsonl", "cannot read"),
+                        (f"--same_as={tmp_path}/a.jsonl", "row 1 is not this run's prompt 1")):
+        with pytest.raises(UserError, match=needle):
+            generate.main([*args, bad])
+    assert not decoded
+    out = tmp_path / "new" / "folder" / "g.jsonl"
+    generate.main([*args, f"--out={out}"])
+    assert len(open(out).readlines()) == 3 and os.listdir(out.parent) == ["g.jsonl"] and decoded == [1]
