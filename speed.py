@@ -70,11 +70,16 @@ def forward_cost_ratios(model, context=200, ks=(1, 2, 4, 8, 16, 32), reps=7):
     return {"context": context, "t1_ms": 1000 * med[1], "ratio": {str(k): med[k] / med[1] for k in ks}}
 
 
-def prepare_speed(path, tmp):
-    """prepare.py's tokens/s on GSM8K train vs the bare tiktoken batch encoder on the same texts."""
+def prepare_speed(path, tmp, limit=None):
+    """prepare.py's tokens/s on GSM8K train (its first `limit` rows) vs the bare tiktoken batch
+    encoder on the same texts."""
     if not os.path.isfile(path):
         return None
-    rows = [json.loads(l) for l in open(path)]
+    rows = [json.loads(l) for l in open(path)][:limit]
+    if limit:   # prepare.py reads a file: the same rows
+        path = os.path.join(tmp, "gsm8k_head.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
     tok = prepare.Tokenizer("gpt2")
     texts = [t for r in rows for t in prepare.row_texts(tok, r, "question", "answer", "")]
     bare, prep = [], []
