@@ -311,7 +311,7 @@ def measure(b, model, info, tok, items, kw, bs):
         rec.update(accuracy=s.get("accuracy"), tokens_per_forward=s["tokens_per_forward"], records=records)
     # warm-up over the same prompts: CPU kernels set up per shape on first use (oneDNN), and the
     # first model decoded would otherwise pay for every shape (at batch 8 the pass above was one)
-    if bs != 8:
+    if bs != 8 or b.speed_n % 8:   # (the same batches only when speed_n is a multiple of 8)
         generate.decode_and_score(model, info, tok, c, items[:b.speed_n], g)
     _, s = generate.decode_and_score(model, info, tok, c, items[:b.speed_n], g)
     rec["speed_tokens_per_second"] = s["tokens_per_second"]
@@ -386,7 +386,7 @@ def select_runs(b):
 
 
 def main(argv=None):
-    b = configure(defaults_from(globals()), [a if a != "--quick" else "--quick=True" for a in (argv or sys.argv[1:])])
+    b = configure(defaults_from(globals()), [a if a != "--quick" else "--quick=True" for a in (sys.argv[1:] if argv is None else argv)])
     if b.forward_cost:   # r(k) of one model, alone
         model, _, _ = generate.load(b.forward_cost, b.device)
         r = forward_cost_ratios(model, b.context)

@@ -91,14 +91,16 @@ def configure(defaults, argv=None):
     return SimpleNamespace(**cfg)
 
 
-def print_config(cfg, file=sys.stdout):
+def print_config(cfg, file=None):
+    file = file or sys.stdout   # looked up per call: a caller may have redirected it
     for k, v in sorted(vars(cfg).items()):
         print(f"  {k} = {v!r}", file=file)
 
 
-def print_help(path, defaults, file=sys.stdout):
+def print_help(path, defaults, file=None):
     """--help: every key with its default and its comment, grouped as the script's source groups
     them (its block of defaults, up to the first function or class)."""
+    file = file or sys.stdout
     print(f"usage: python {os.path.basename(path)} [config/file.py ...] [--key=value ...]", file=file)
     with open(path) as f:
         lines = f.read().split("\n")

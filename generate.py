@@ -252,24 +252,33 @@ def identical(records, ref):
 
 
 def check_out(path):
-    """--out: its folder made and the path writable before decoding, not found out after it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"out={path}: cannot make its folder ({e.strerror})") from None
-    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+    """--out: a file this process can write (its missing folders made when it is written), known
+    before decoding, not found out after it."""
+    full = os.path.realpath(path)
+    above = os.path.dirname(full)
+    while not os.path.exists(above):   # the nearest folder that exists must let us make the rest
+        above = os.path.dirname(above)
+    if (not os.path.basename(os.path.abspath(path)) or path.endswith(os.sep) or os.path.isdir(full)
+            or not os.path.isdir(above) or not os.access(above, os.W_OK | os.X_OK)
+            or (os.path.exists(full) and not os.access(full, os.W_OK))):
         raise UserError(f"out={path}: not a file path this process can write")
 
 
 def write_records(records, path):
     """--out: one json line per prompt, which prepare.py --response_key=completion reads back;
-    written whole (a temporary file renamed), so a killed run leaves no half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    written whole (a temporary file renamed; through a link to its target), so a killed run leaves
+    no half a file."""
+    full = os.path.realpath(path)
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    tmp = f"{full}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, full)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def main(argv=None):

@@ -76,7 +76,7 @@ def prepare_speed(path, tmp, limit=None):
     if not os.path.isfile(path):
         return None
     rows = [json.loads(l) for l in open(path)][:limit]
-    if limit:   # prepare.py reads a file: the same rows
+    if limit is not None:   # prepare.py reads a file: the same rows
         path = os.path.join(tmp, "gsm8k_head.jsonl")
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -85,8 +85,9 @@ def test_same_as_counts_identical_completions(tiny_ckpt, capsys):
 
 
 def test_out_and_same_as_are_checked_before_decoding(tiny_ckpt, tmp_path, monkeypatch):
-    """A decode can take hours: --out's folder is made (and a path it cannot write refused) and
-    --same_as read before the first forward, and --out is written whole."""
+    """A decode can take an hour: an --out path that cannot be written is refused and --same_as is
+    read before the first forward (making no folder); --out's missing folders are made when it is
+    written, whole (no temporary file left)."""
     import generate
     from configurator import UserError
     args = [f"--init_from={tiny_ckpt}/out", f"--data={tiny_ckpt}/data/val.jsonl", "--limit=3", "--max_new_tokens=4",
@@ -95,11 +96,12 @@ def test_out_and_same_as_are_checked_before_decoding(tiny_ckpt, tmp_path, monkey
     monkeypatch.setattr(generate, "decode_and_score", lambda *a: decoded.append(1) or decode(*a))
     (tmp_path / "adir").mkdir()
     (tmp_path / "a.jsonl").write_text('{"prompt": "not this one", "completion_ids": [1]}\n' * 3)
-    for bad, needle in ((f"--out={tmp_path}/adir", "not a file path"), (f"--same_as={tmp_path}/none.jsonl", "cannot read"),
+    for bad, needle in ((f"--out={tmp_path}/adir", "not a file path"), (f"--out={tmp_path}/made/", "not a file path"),
+                        (f"--same_as={tmp_path}/none.jsonl", "cannot read"),
                         (f"--same_as={tmp_path}/a.jsonl", "row 1 is not this run's prompt 1")):
         with pytest.raises(UserError, match=needle):
             generate.main([*args, bad])
-    assert not decoded
+    assert not decoded and not (tmp_path / "made").exists()
     out = tmp_path / "new" / "folder" / "g.jsonl"
     generate.main([*args, f"--out={out}"])
     assert len(open(out).readlines()) == 3 and os.listdir(out.parent) == ["g.jsonl"] and decoded == [1]

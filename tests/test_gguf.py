@@ -32,7 +32,7 @@ def test_gguf_logits_and_greedy_tokens_equal_transformers(gguf):
     hf = transformers.AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32).eval()
     folder = find_checkpoint(gguf)
     ours = load_checkpoint(folder).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(folder)   # the file's (its round trip: the test below)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)   # the file's, as the conversion wrote it
     chats = [[{"role": "user", "content": q}] for q in
              ("What is 7 times 8?", "Name a colour of the sky.", "Write one sentence about cats.")]
     prompts = [tok.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"] for m in chats]

@@ -153,7 +153,7 @@ def test_bad_files_and_settings_fail_cleanly(tmp_path):
     for args, needle in cases:
         assert_clean_error(run_main("prepare.py", f"--out_dir={out}", *args), needle)
         assert not out.exists() and not [p for p in os.listdir(tmp_path) if "tmp" in p]
-    # an out_dir made with another tokenizer is refused, not mixed (the script itself, as a user runs it)
+    # an out_dir made with another tokenizer is refused, not mixed (the last: the script itself, as a user runs it)
     assert run_main("prepare.py", f"--input={good}", f"--out_dir={out}", "--val_fraction=0").returncode == 0
     before = (out / "train.bin").read_bytes()
     assert_clean_error(run_script("prepare.py", f"--input={good}", f"--out_dir={out}", "--tokenizer=gpt2"),
