@@ -397,7 +397,7 @@ def main(argv=None):
         raise UserError(f"drafter_steps={b.drafter_steps}: expected a whole number >= 1 (times the preset's max_iters)")
     runs = select_runs(b)
     if b.quick:
-        b.eval_n, b.speed_n, b.time_steps, b.lora_rank, b.drafter_steps = 16, 8, 2, 4, 1
+        b.eval_n, b.speed_n, b.time_steps, b.lora_rank, b.drafter_steps = 16, 4, 2, 4, 1
     tmp = b.out_dir or tempfile.mkdtemp(prefix="bench-")
     data_dir = os.path.join(tmp, "data")
     prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={data_dir}", f"--toy_rows={preset(b)['toy_rows']}"]))
