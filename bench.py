@@ -310,8 +310,9 @@ def measure(b, model, info, tok, items, kw, bs):
         records, s = generate.decode_and_score(model, info, tok, c, items, g)
         rec.update(accuracy=s.get("accuracy"), tokens_per_forward=s["tokens_per_forward"], records=records)
     # warm-up over the same prompts: CPU kernels set up per shape on first use (oneDNN), and the
-    # first model decoded would otherwise pay for every shape (at batch 8 the pass above was one)
-    if bs != 8 or b.speed_n % 8:   # (the same batches only when speed_n is a multiple of 8)
+    # first model decoded would otherwise pay for every shape; at batch 8 the pass above was one
+    # when speed_n is a multiple of 8 (the same batches)
+    if bs != 8 or b.speed_n % 8:
         generate.decode_and_score(model, info, tok, c, items[:b.speed_n], g)
     _, s = generate.decode_and_score(model, info, tok, c, items[:b.speed_n], g)
     rec["speed_tokens_per_second"] = s["tokens_per_second"]

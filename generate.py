@@ -258,8 +258,7 @@ def check_out(path):
     above = os.path.dirname(full)
     while not os.path.exists(above):   # the nearest folder that exists must let us make the rest
         above = os.path.dirname(above)
-    if (not os.path.basename(os.path.abspath(path)) or path.endswith(os.sep) or os.path.isdir(full)
-            or not os.path.isdir(above) or not os.access(above, os.W_OK | os.X_OK)
+    if (path.endswith(os.sep) or os.path.isdir(full) or not os.path.isdir(above) or not os.access(above, os.W_OK | os.X_OK)
             or (os.path.exists(full) and not os.access(full, os.W_OK))):
         raise UserError(f"out={path}: not a file path this process can write")
 

@@ -4,6 +4,7 @@ cached forward of k tokens against one of a single token (the ceiling a drafter'
 forward buys); our AR decoding against transformers' generate; prepare.py's tokens/s against the
 bare tokenizer. bench.py reports all three (python bench.py --forward_cost=MODEL: r(k) alone).
 """
+import itertools
 import json
 import os
 import statistics
@@ -75,7 +76,8 @@ def prepare_speed(path, tmp, limit=None):
     encoder on the same texts."""
     if not os.path.isfile(path):
         return None
-    rows = [json.loads(l) for l in open(path)][:limit]
+    with open(path) as f:
+        rows = [json.loads(l) for l in itertools.islice(f, limit)]
     if limit is not None:   # prepare.py reads a file: the same rows
         path = os.path.join(tmp, "gsm8k_head.jsonl")
         with open(path, "w") as f:

@@ -42,6 +42,13 @@ def run_main(script, *args):
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
+def run_train_script(*args, prefix=(), timeout=600):
+    """train.py under prefix (torchrun: processes of its own), or in this process without one."""
+    if prefix:
+        return run_script(*prefix, "train.py", *args, timeout=timeout)
+    return run_main("train.py", *args)
+
+
 def assert_clean_error(proc, *needles):
     """Non-zero exit, one 'error:' line on stderr naming what was wrong, no traceback."""
     assert proc.returncode != 0, proc.stdout + proc.stderr

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, STORIES, run_main, run_script
+from conftest import ROOT, STORIES, run_script, run_train_script
 
 import prepare
 import batching
@@ -45,9 +45,7 @@ def odd_batch_size(data):
 
 
 def run(data, out, *args, prefix=()):
-    """train.py under prefix (torchrun: its own processes), or in this process without one."""
-    argv = [f"--data_dir={data}", f"--out_dir={out}", *COMMON, *args]
-    p = run_script(*prefix, "train.py", *argv, timeout=300) if prefix else run_main("train.py", *argv)
+    p = run_train_script(f"--data_dir={data}", f"--out_dir={out}", *COMMON, *args, prefix=prefix, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return p
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_clean_error, checkpoint_tensors, run_main, run_script
+from conftest import ROOT, assert_clean_error, checkpoint_tensors, run_main, run_script, run_train_script
 
 import prepare
 import objectives
@@ -33,9 +33,7 @@ def losses(out_dir):
 
 
 def run_train(toy_data, out, *args, prefix=()):
-    """train.py in this process, or under prefix (torchrun) as its own processes."""
-    argv = [f"--data_dir={toy_data}", f"--out_dir={out}", *TINY, *args]
-    proc = run_script(*prefix, "train.py", *argv) if prefix else run_main("train.py", *argv)
+    proc = run_train_script(f"--data_dir={toy_data}", f"--out_dir={out}", *TINY, *args, prefix=prefix)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
