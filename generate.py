@@ -89,6 +89,13 @@ class Decoding:
 
 # ----------------------------------------------------------------------------- loading
 
+def torch_dtype(name):
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(name)
+    if dt is None:
+        raise UserError(f"dtype={name!r}: expected float32 or bfloat16")
+    return dt
+
+
 def load(init_from, device="cpu", dtype=torch.float32):
     ckpt = find_checkpoint(init_from)
     info = load_info(ckpt)
@@ -284,10 +291,7 @@ def main(argv=None):
     c = configure(defaults_from(globals()), argv)
     print_config(c, file=sys.stderr)
     torch.manual_seed(c.seed)
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(c.dtype)
-    if dt is None:
-        raise UserError(f"dtype={c.dtype!r}: expected float32 or bfloat16")
-    model, info, tok = load(c.init_from, c.device, dt)
+    model, info, tok = load(c.init_from, c.device, torch_dtype(c.dtype))
     items = load_prompts(c, info)
     ref = read_same_as(c.same_as, items) if c.same_as else None
     if c.out:

@@ -4,6 +4,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from configurator import UserError, configure, defaults_from
 from conftest import run_script
@@ -70,3 +71,21 @@ def test_bench_quick_json_has_every_field(tmp_path):
     for key, value, needle in (("lora_rank", 8, "lora_rank 4 -> 8"), ("max_iters", 24, "max_iters 8 -> 24")):
         with pytest.raises(UserError, match=needle):   # another rank, or another length (not resumed)
             bench.check_reuse(SimpleNamespace(**{**vars(c), key: value}), final)
+
+
+def test_forward_cost_runs_in_the_dtype_asked(monkeypatch, capsys):
+    """bench.py --forward_cost=M --dtype=bfloat16 times the model in bf16 (on a CPU with AMX a bf16
+    forward of a few rows costs about one row's); another dtype is refused."""
+    import bench
+    from conftest import STORIES
+    seen = []
+
+    def fake(model, context):
+        seen.append(next(model.parameters()).dtype)
+        return {"context": context, "t1_ms": 1.0, "ratio": {"1": 1.0}}
+    monkeypatch.setattr(bench, "forward_cost_ratios", fake)
+    bench.main([f"--forward_cost={STORIES}", "--dtype=bfloat16"])
+    assert seen == [torch.bfloat16]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dtype"] == "bfloat16"
+    with pytest.raises(UserError, match="dtype='float16': expected float32 or bfloat16"):
+        bench.main([f"--forward_cost={STORIES}", "--dtype=float16"])
