@@ -93,12 +93,13 @@ def fingerprint(model):
 
 def load_base(path, vocab_size, device="cpu", dtype=torch.float32):
     """An HF folder or a training checkpoint as the frozen base of a LoRA run: the model
-    (vocabulary grown to hold the data's added tokens) and the fingerprint of the weights as read."""
-    model = load_checkpoint(path, dtype=dtype)
+    (vocabulary grown to hold the data's added tokens) and the fingerprint of the weights as read,
+    in fp32 before any cast: a bf16 decode of adapters trained on the fp32 base names the same base."""
+    model = load_checkpoint(path)
     fp = fingerprint(model)
     if vocab_size > model.config.vocab_size:   # the MASK token, added past the vocabulary
         model.resize_vocab(vocab_size)
-    return model.to(device), fp
+    return model.to(device, dtype), fp
 
 
 def load_lora_checkpoint(ckpt, info, device="cpu", dtype=torch.float32):
@@ -281,8 +282,9 @@ def load_train_state(raw, opt, c):
 # checkpoint under another objective, model, adapters, data or batch geometry: refused.
 MAY_CHANGE = {"init_from", "resume", "out_dir", "max_iters", "epochs", "eval_interval", "eval_iters", "eval_only",
               "log_interval", "save_interval", "keep_last", "export_hf", "wandb_log", "wandb_project",
-              "wandb_run_name", "device", "compile", "compile_backend", "gradient_checkpointing", "parallel", "learning_rate",
-              "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "weight_decay", "beta1", "beta2", "grad_clip"}
+              "wandb_run_name", "device", "compile", "compile_backend", "cpu_bf16", "gradient_checkpointing",
+              "parallel", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "weight_decay",
+              "beta1", "beta2", "grad_clip"}
 
 
 def config_changes(path, config):

@@ -157,6 +157,18 @@ def test_generate_loads_gated_checkpoint_without_flags(gated):
         assert torch.equal(loaded(x), model(x))
 
 
+def test_gated_checkpoint_loads_in_bf16_with_its_base_fingerprint(gated):
+    """generate.py --dtype=bfloat16 on adapters trained in fp32: the base is checked as stored (fp32),
+    then the whole model, adapters and sampler head included, runs in bf16 near the fp32 logits."""
+    model, _, _, prompts, d = gated
+    loaded, _, _ = load(f"{d}/gated", dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    x = torch.tensor([prompts[0] + [257, 257, 257]])
+    with torch.no_grad():
+        want, got = model(x), loaded(x).float()
+    assert not torch.equal(got, want) and (got - want).abs().max() < 0.05 * want.abs().max()
+
+
 def test_peft_and_merged_exports_give_our_logits(stories_data, tmp_path):
     import peft
     import transformers
