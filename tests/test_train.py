@@ -177,6 +177,16 @@ def test_torch_compile_matches_eager(toy_data, tmp_path):
     assert np.allclose(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), rtol=1e-4)
 
 
+def test_cpu_bf16_autocasts_and_keeps_fp32_weights(toy_data, tmp_path):
+    """--cpu_bf16=True: the forward runs in bf16 (losses near fp32's, not equal to them), the
+    weights it trains and saves stay fp32."""
+    run_train(toy_data, tmp_path / "fp32", "--max_iters=3")
+    run_train(toy_data, tmp_path / "bf16", "--max_iters=3", "--cpu_bf16=True")
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert np.allclose(a, b, rtol=2e-2) and a != b, (a, b)
+    assert {t.dtype for t in final_weights(tmp_path / "bf16").values() if t.is_floating_point()} == {torch.float32}
+
+
 def test_epochs_keep_last_and_gradient_checkpointing(toy_data, tmp_path, monkeypatch):
     # epochs: max_iters=0 runs that many epochs of optimizer steps, packing each epoch once
     packs, pack_rows = [], batching.pack_rows
