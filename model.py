@@ -327,13 +327,16 @@ class SamplerHead(nn.Module):
 class LayerCache:
     """One layer's view of the KV cache: writes new k/v at each row's own offset."""
 
-    def __init__(self, k, v, rows, idx, S):
-        self.k, self.v, self.rows, self.idx, self.S = k, v, rows, idx, S
+    def __init__(self, cache, i, rows, idx, S):
+        self.cache, self.i, self.rows, self.idx, self.S = cache, i, rows, idx, S
 
     def write(self, k, v):
-        self.k[self.rows, :, self.idx] = k.transpose(1, 2)   # (B, T, Hkv, D) at (row, offset + t)
-        self.v[self.rows, :, self.idx] = v.transpose(1, 2)
-        return self.k[:, :, :self.S], self.v[:, :, :self.S]
+        c, i = self.cache, self.i
+        if c.k[i] is None:   # dtype None: k and v as they come (under autocast k leaves RoPE in fp32, v in bf16)
+            c.k[i], c.v[i] = (torch.zeros(c.shape, device=c.device, dtype=t.dtype) for t in (k, v))
+        c.k[i][self.rows, :, self.idx] = k.transpose(1, 2)   # (B, T, Hkv, D) at (row, offset + t)
+        c.v[i][self.rows, :, self.idx] = v.transpose(1, 2)
+        return c.k[i][:, :, :self.S], c.v[i][:, :, :self.S]
 
 
 class KVCache:
@@ -342,12 +345,13 @@ class KVCache:
     A forward writes its T new tokens at [length, length + T) of each row but commits
     nothing: the caller decides how many become part of the prefix (`commit`), so MASK
     slots and drafts can be written, attended to, and simply overwritten next time.
+    dtype None: each layer's k and v buffers take the dtype of the first k and v written to them.
     """
 
-    def __init__(self, cfg, batch_size, max_len, device, dtype):
-        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+    def __init__(self, cfg, batch_size, max_len, device, dtype=None):
+        self.shape, self.device = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim), device
+        self.k, self.v = ([None if dtype is None else torch.zeros(self.shape, device=device, dtype=dtype)
+                           for _ in range(cfg.n_layer)] for _ in range(2))
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
 
@@ -357,7 +361,7 @@ class KVCache:
             raise ValueError(f"KV cache overflow: need {S} positions, have {self.max_len}")
         rows = torch.arange(len(self.length), device=self.length.device)[:, None]
         idx = self.length[:, None] + torch.arange(T, device=self.length.device)   # (B, T)
-        return [LayerCache(k, v, rows, idx, S) for k, v in zip(self.k, self.v)], S
+        return [LayerCache(self, i, rows, idx, S) for i in range(len(self.k))], S
 
     def commit(self, n):
         """Make the first n (int or (B,) tensor) of the last forward's tokens part of the prefix."""

@@ -278,8 +278,7 @@ def gated_slot_forward(model, b, c, loss=False):
     cl, _, nc = split_rows(b, real & ~b["slot"], c.eos_id)
     sl, svalid, _ = split_rows(b, real & b["slot"], c.eos_id)
     B, Lc, Ts, dev = cl["idx"].shape[0], cl["idx"].shape[1], sl["idx"].shape[1], b["idx"].device
-    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else torch.float32
-    cache = KVCache(getattr(model, "module", model).config, B, Lc + Ts, dev, dtype)
+    cache = KVCache(getattr(model, "module", model).config, B, Lc + Ts, dev)   # in the dtype k and v come in
     sel = svalid & (sl["tgt"] >= 0)
     with torch.no_grad():
         model(cl["idx"], cl["pos"], causal_mask(cl["doc"]), cache=cache, select=torch.zeros_like(cl["doc"], dtype=torch.bool))

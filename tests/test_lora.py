@@ -157,6 +157,20 @@ def test_generate_loads_gated_checkpoint_without_flags(gated):
         assert torch.equal(loaded(x), model(x))
 
 
+def test_gated_training_under_cpu_bf16_autocast(gated):
+    """--cpu_bf16=True on the gated split forward (the clean stream into a KV cache, then the slots
+    with a sampler head): it trains, near the fp32 run's losses and not equal to them."""
+    d = gated[4]
+    args = [f"--data_dir={d}/data", f"--init_from={d}/sft", "--mode=interleaved", "--block_size=4",
+            "--max_length=384", "--batch_size=8", "--lora_rank=8", "--gated_lora=True", "--sampler_head=True",
+            "--max_iters=2", "--save_interval=100", "--log_interval=1"]
+    logs = []
+    for name, extra in (("fp32", []), ("bf16", ["--cpu_bf16=True"])):
+        train_run(*args, f"--out_dir={d}/cpu_{name}", *extra)
+        logs.append([json.loads(l)["loss"] for l in open(f"{d}/cpu_{name}/log.jsonl")])
+    assert len(logs[0]) == 2 and all(abs(a - b) < 0.05 * a for a, b in zip(*logs)) and logs[0] != logs[1], logs
+
+
 def test_gated_checkpoint_loads_in_bf16_with_its_base_fingerprint(gated):
     """generate.py --dtype=bfloat16 on adapters trained in fp32: the base is checked as stored (fp32),
     then the whole model, adapters and sampler head included, runs in bf16 near the fp32 logits."""
