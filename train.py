@@ -100,10 +100,10 @@ wandb_run_name = ""
 # system
 device = "cpu"
 compile = False
-cpu_bf16 = False              # CPU: bf16 autocast, as CUDA always does (weights, gradients and AdamW stay fp32);
-                              # measured no faster than fp32 for the SmolLM2 gated drafter on an AMX CPU (README)
 compile_backend = "inductor"  # torch.compile backend; aot_eager captures the same graphs without generating
                               # kernels (no speed-up, seconds instead of a minute on CPU: the tests use it)
+cpu_bf16 = False              # CPU: bf16 autocast, as CUDA always does (weights, gradients and AdamW stay fp32);
+                              # measured no faster than fp32 for the SmolLM2 gated drafter on an AMX CPU (README)
 gradient_checkpointing = False
 parallel = "ddp"              # ddp | fsdp (under torchrun)
 seed = 1337
@@ -441,8 +441,8 @@ def train(c):
     train_b, val_b = Batches(train_data, c, world, rank), Batches(val_data, c, 1, 0)
     total = c.max_iters or max(c.epochs, 1) * train_b.steps_per_epoch
     info = checkpoint_info(c.mode, MODES[c.mode].get("info", lambda c: {})(c), tok, meta)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if c.device.startswith("cuda") else
-                torch.autocast("cpu", dtype=torch.bfloat16) if c.cpu_bf16 else nullcontext())
+    cuda = c.device.startswith("cuda")
+    autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16) if cuda or c.cpu_bf16 else nullcontext()
     if step >= total and not c.eval_only:
         if rank == 0:
             print(f"{c.out_dir} is at step {step} and max_iters={total}: nothing to train" +
