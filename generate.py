@@ -37,6 +37,10 @@ top_p = 1.0
 batch_size = 8
 device = "cpu"
 dtype = "float32"          # float32 | bfloat16
+batch_invariant = True     # bfloat16: a token's logits are the same bits whatever else its forward feeds
+                           # (model.py's invariant backend), so greedy output is a function of the prompt
+                           # and --verify is exactly AR's; False: SDPA. fp32 always runs SDPA (on CPU no fp32
+                           # matmul is batch-invariant; --verify there equals AR wherever the argmax agrees)
 seed = 1337
 quiet = False              # no progress line
 
@@ -96,7 +100,7 @@ def torch_dtype(name):
     return dt
 
 
-def load(init_from, device="cpu", dtype=torch.float32):
+def load(init_from, device="cpu", dtype=torch.float32, batch_invariant=True):
     ckpt = find_checkpoint(init_from)
     info = load_info(ckpt)
     # decoding forwards are a few tokens against the cache and change shape every step: a dense
@@ -105,7 +109,8 @@ def load(init_from, device="cpu", dtype=torch.float32):
         model = load_lora_checkpoint(ckpt, info, device, dtype)
     else:
         model = load_checkpoint(ckpt, device=device, dtype=dtype)
-    model = model.eval().set_backend("sdpa")
+    invariant = batch_invariant and dtype == torch.bfloat16
+    model = model.eval().set_backend("invariant" if invariant else "sdpa")
     return model, info, Tokenizer(info["tokenizer_path"])
 
 
@@ -291,7 +296,7 @@ def main(argv=None):
     c = configure(defaults_from(globals()), argv)
     print_config(c, file=sys.stderr)
     torch.manual_seed(c.seed)
-    model, info, tok = load(c.init_from, c.device, torch_dtype(c.dtype))
+    model, info, tok = load(c.init_from, c.device, torch_dtype(c.dtype), c.batch_invariant)
     items = load_prompts(c, info)
     ref = read_same_as(c.same_as, items) if c.same_as else None
     if c.out:

@@ -130,6 +130,51 @@ def pick_backend(cfg, device):
     return "flex" if str(device).startswith("cuda") and cfg.head_dim >= 16 else "sdpa"
 
 
+# ----------------------------------------------------------------------------- batch invariance
+# blockwise --verify returns AR greedy's output only where a token's logits have the same bits
+# whether its forward feeds one token or sixteen, one row or eight. Measured on the project's CPU
+# (AMX, torch 2.13): a bf16 matmul gives each row the same bits in any call of up to 32 rows, and
+# a bf16 batched matmul does for any number of rows and any zero-padded reduction length; fp32
+# matmuls do not, at any row count. SDPA's reduction order follows the query and key lengths.
+# The "invariant" backend keeps the clean stream inside what was measured: linears in calls of at
+# most INVARIANT_ROWS rows, attention written out (HF's eager attention: q kᵀ and p v in the model
+# dtype, softmax in fp32) over keys padded with masked zeros to a multiple of INVARIANT_TILE.
+INVARIANT_ROWS, INVARIANT_TILE = 32, 64
+
+
+def linear(x, weight, bias=None, rows=0):
+    """F.linear in calls of at most `rows` rows of x (0: one call)."""
+    n = x.numel() // x.shape[-1]
+    if not rows or n <= rows:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(n, x.shape[-1])
+    return torch.cat([F.linear(flat[i:i + rows], weight, bias) for i in range(0, n, rows)]).view(*x.shape[:-1], -1)
+
+
+def invariant_attention(q, k, v, mask):
+    """Attention as HF's eager code computes it, on keys padded to the mask's width: q (B, H, T, D),
+    k and v (B, Hkv, S', D) with S' <= S (zero-padded here), mask (B, 1, T, S) bool. Masked scores
+    get fp32's lowest value, not -inf, so a row that sees nothing is finite (padding rows)."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], mask.shape[-1]
+    if k.shape[2] < S:
+        k, v = (F.pad(t, (0, 0, 0, S - t.shape[2])) for t in (k, v))
+    s = (q.reshape(B, Hkv, H // Hkv * T, D) @ k.transpose(-1, -2)) * D ** -0.5   # query heads grouped by kv head
+    s = s.view(B, H, T, S).float().masked_fill(~mask, torch.finfo(torch.float32).min)
+    p = torch.softmax(s, -1).to(v.dtype).view(B, Hkv, H // Hkv * T, S)
+    return (p @ v).view(B, H, T, D)
+
+
+def check_invariant_matmul(weight, rows=INVARIANT_ROWS):
+    """The property the invariant backend rests on, checked on this machine's kernels with one of
+    the model's own weights: each row of a call of up to `rows` rows = the same row alone."""
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
+    whole = F.linear(x, weight)
+    if not all(torch.equal(F.linear(x[:m], weight), whole[:m]) for m in (1, 2, 3, 16, rows - 1)):
+        raise UserError(f"this machine's {weight.dtype} matmul gives a row other bits in a call of other rows, so the "
+                        "batch-invariant backend cannot make --verify exact here (it is measured for bf16 on AMX CPUs)")
+
+
 
 
 # ----------------------------------------------------------------------------- layers
@@ -185,16 +230,18 @@ class Projection(nn.Linear):
     only; every other row is the frozen layer's output, bit for bit (and with no gated row the
     adapters cost nothing)."""
 
+    rows = 0   # the invariant backend's calls of at most this many rows (model.set_backend)
+
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.lora = None
 
     def forward(self, x, gate=None):
-        y = super().forward(x)
+        y = linear(x, self.weight, self.bias, self.rows)
         if self.lora is None or (gate is not None and len(gate) == 0):
             return y
         if gate is None:
-            return y + self.lora(x)
+            return y + self.lora(x, self.rows)
         flat = y.view(-1, y.shape[-1])   # in place: y is this call's own, and linear's backward never reads it
         return flat.index_add_(0, gate, self.lora(x.reshape(-1, x.shape[-1])[gate]).to(y.dtype)).view_as(y)
 
@@ -301,9 +348,9 @@ class LoRA(nn.Module):
             return A, B
         return self.frozen[1]
 
-    def forward(self, x):
+    def forward(self, x, rows=0):
         A, B = self.fused()
-        return self.scale * F.linear(F.linear(F.dropout(x, self.dropout, self.training), A), B)
+        return self.scale * linear(linear(F.dropout(x, self.dropout, self.training), A, rows=rows), B, rows=rows)
 
 
 class SamplerHead(nn.Module):
@@ -328,7 +375,7 @@ class LayerCache:
     """One layer's view of the KV cache: writes new k/v at each row's own offset."""
 
     def __init__(self, cache, i, rows, idx, S):
-        self.cache, self.i, self.rows, self.idx, self.S = cache, i, rows, idx, S
+        self.cache, self.i, self.rows, self.idx, self.S = cache, i, rows, idx, S   # S: the keys returned
 
     def write(self, k, v):
         c, i = self.cache, self.i
@@ -349,19 +396,23 @@ class KVCache:
     """
 
     def __init__(self, cfg, batch_size, max_len, device, dtype=None):
+        max_len = -(-max_len // INVARIANT_TILE) * INVARIANT_TILE   # room for a padded key width
         self.shape, self.device = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim), device
         self.k, self.v = ([None if dtype is None else torch.zeros(self.shape, device=device, dtype=dtype)
                            for _ in range(cfg.n_layer)] for _ in range(2))
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
 
-    def layers(self, T):
+    def layers(self, T, tile=1):
+        """Per-layer writers for T new tokens, S (the longest row's length after them) and the key
+        width attention reads: S rounded up to a multiple of tile (the rest stale or zero, masked)."""
         S = int((self.length + T).max())
         if S > self.max_len:
             raise ValueError(f"KV cache overflow: need {S} positions, have {self.max_len}")
+        W = min(-(-S // tile) * tile, self.max_len)
         rows = torch.arange(len(self.length), device=self.length.device)[:, None]
         idx = self.length[:, None] + torch.arange(T, device=self.length.device)   # (B, T)
-        return [LayerCache(self, i, rows, idx, S) for i in range(len(self.k))], S
+        return [LayerCache(self, i, rows, idx, W) for i in range(len(self.k))], S, W
 
     def commit(self, n):
         """Make the first n (int or (B,) tensor) of the last forward's tokens part of the prefix."""
@@ -381,7 +432,7 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.backend = "sdpa"            # or "flex"; see set_backend
+        self.backend = "sdpa"            # or "flex", "invariant"; see set_backend
         self.flex = flex_attention       # the Flex kernel set_backend chose
         self.gradient_checkpointing = False
         self.lora_config = None          # set by add_lora
@@ -391,9 +442,15 @@ class Transformer(nn.Module):
 
     def set_backend(self, backend, device=None):
         """Chosen once: 'flex' (BlockMask; on CUDA the compiled kernel, since eager Flex
-        materialises the scores) or 'sdpa' (dense boolean mask)."""
-        assert backend in ("flex", "sdpa"), backend
+        materialises the scores), 'sdpa' (dense boolean mask) or 'invariant' (each token's bits
+        independent of what else the forward feeds: bf16 decoding that --verify keeps exact)."""
+        assert backend in ("flex", "sdpa", "invariant"), backend
+        if backend == "invariant":
+            check_invariant_matmul(self.lm_head.weight)
         self.backend = backend
+        for m in self.modules():
+            if isinstance(m, Projection):
+                m.rows = INVARIANT_ROWS if backend == "invariant" else 0
         cuda = str(device or next(self.parameters()).device).startswith("cuda")
         self.flex = torch.compile(flex_attention, dynamic=False) if backend == "flex" and cuda else flex_attention
         return self
@@ -418,7 +475,7 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
         return self
 
-    def _attend(self, mask_mod, B, T, S, device, start):
+    def _attend(self, mask_mod, B, T, S, device, start, width):
         if start is not None:
             # with a cache, query i of row b sits at physical index start[b] + i, and keys past
             # start[b] + T are stale slots from an earlier forward: never attend to them
@@ -431,6 +488,9 @@ class Transformer(nn.Module):
             bm = create_block_mask(mask_mod, B, None, T, S, device=device, _compile=device.type == "cuda")
             return lambda q, k, v: self.flex(q, k, v, block_mask=bm, enable_gqa=True)
         mask = dense_mask(mask_mod, B, T, S, device)
+        if self.backend == "invariant":   # keys S..width: padding no query sees
+            mask = F.pad(mask, (0, width - S)) if width > S else mask
+            return lambda q, k, v: invariant_attention(q, k, v, mask)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
     def forward(self, idx, pos=None, mask_mod=None, cache=None, select=None, hidden=False, prev=None,
@@ -452,8 +512,12 @@ class Transformer(nn.Module):
         if pos is None:
             pos = torch.arange(T, device=idx.device).expand(B, T)
             pos = pos + start[:, None] if start is not None else pos
-        layer_caches, S = cache.layers(T) if cache is not None else ([None] * len(self.layers), T)
-        attend = self._attend(mask_mod or causal_mask(), B, T, S, idx.device, start)
+        tile = INVARIANT_TILE if self.backend == "invariant" else 1
+        if cache is not None:
+            layer_caches, S, width = cache.layers(T, tile)
+        else:
+            layer_caches, S, width = [None] * len(self.layers), T, -(-T // tile) * tile
+        attend = self._attend(mask_mod or causal_mask(), B, T, S, idx.device, start, width)
         x = self.embed_tokens(idx)
         gate = None
         if self.mask_embed is not None:
@@ -480,7 +544,9 @@ class Transformer(nn.Module):
         """Logits from final hidden states h (..., C); prev (...) the token before each one,
         for the sampler head; rows: some rows of the head's weight, for logits over those tokens only."""
         z = h if prev is None else self.sampler_head(h, self.embed_tokens(prev))
-        return self.lm_head(z) if rows is None else F.linear(z, rows)
+        if rows is not None:
+            return F.linear(z, rows)
+        return linear(z, self.lm_head.weight, rows=INVARIANT_ROWS if self.backend == "invariant" else 0)
 
     def head_loss(self, h, targets, prev=None):
         """(per-token fp32 cross-entropy, argmax) of the head over hidden states h (N, C), in chunks

@@ -62,10 +62,16 @@ def test_gguf_self_distillation_round_trip(gguf, tmp_path):
     assert {r["eos"] for r in recs} == {True, False}, recs
 
 
-def test_gated_verify_on_smollm2_is_its_ar_greedy(gguf):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gated_verify_on_smollm2_is_its_ar_greedy(gguf, dtype):
     """Gated LoRA + sampler head on the real model, adapters random (drafts wrong as often as
-    right): blockwise --verify returns exactly the plain model's AR greedy, batch = single."""
+    right): blockwise --verify returns exactly the plain model's AR greedy, batch = single. In
+    bf16 on the batch-invariant backend (generate.py's default there) AR's own output is a
+    function of the prompt too, where bf16 SDPA's follows the batch and the forward's width."""
     from decoders import decode_blockwise
+    from generate import torch_dtype
+    dt = torch_dtype(dtype)
+    backend = "invariant" if dt == torch.bfloat16 else "sdpa"
     folder = find_checkpoint(gguf)
     base = load_checkpoint(folder).eval()
     vocab = base.config.vocab_size   # no mask token: MASK is a new id past the vocabulary
@@ -77,14 +83,19 @@ def test_gated_verify_on_smollm2_is_its_ar_greedy(gguf):
         for name, p in model.named_parameters():
             if "lora_B" in name or name.startswith("sampler_head."):
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
-    model.eval()
+    base, model = (m.eval().to(dt).set_backend(backend) for m in (base, model))
     import transformers
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                       return_dict=True)["input_ids"] for q in ("What is 2+2?", "Tell me a fact about the moon.")]
+                                       return_dict=True)["input_ids"]
+               for q in ("What is 2+2?", "Tell me a fact about the moon.", "Janet has 3 apples and buys 5 more. How many?")]
     info = {"block_size": 4, "eos_ids": [tok.eos_token_id], "mask_id": vocab, "vocab_size": vocab}
-    want = decode_ar(base, prompts, Decoding(max_new_tokens=24), info)
-    got = decode_blockwise(model, prompts, Decoding(max_new_tokens=24, verify=True), info)
-    assert [r[0] for r in got] == [r[0] for r in want]
-    assert [decode_blockwise(model, [p], Decoding(max_new_tokens=24, verify=True), info)[0] for p in prompts] == got
-    assert sum(r[1] for r in got) <= sum(r[1] for r in want)
+    c = Decoding(max_new_tokens=24)
+    want = [decode_ar(base, [p], c, info)[0] for p in prompts]
+    assert decode_ar(base, prompts, c, info) == want
+    for tree in (True, False):
+        v = Decoding(max_new_tokens=24, verify=True, draft_tree=tree)
+        got = decode_blockwise(model, prompts, v, info)
+        assert [r[0] for r in got] == [r[0] for r in want], tree
+        assert sum(r[1] for r in got) <= sum(r[1] for r in want), tree
+    assert [decode_blockwise(model, [p], v, info)[0] for p in prompts] == got

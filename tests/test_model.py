@@ -256,3 +256,64 @@ def test_chunked_cross_entropy_equals_one_chunk():
         assert (ce - want).abs().max() < 1e-5 and torch.equal(pred, logits.argmax(-1))
         g = torch.autograd.grad(ce.sum(), list(m.parameters()))
         assert all((a - b).abs().max() < 1e-5 for a, b in zip(g, g0))
+
+
+@pytest.mark.parametrize("T,S", [(1, 40), (16, 70), (130, 130)])
+def test_invariant_attention_is_attention(T, S):
+    """The batch-invariant backend's attention (written out, keys zero-padded to its mask's width)
+    against SDPA on the same dense mask, grouped query heads included; in fp32 the two differ by
+    rounding only."""
+    from model import invariant_attention
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(2, 6, T, 16, generator=g)
+    k, v = (torch.randn(2, 2, S, 16, generator=g) for _ in range(2))
+    mask = dense_mask(causal_mask(), 2, T, S, "cpu") if T == S else torch.rand(2, 1, T, S, generator=g) < 0.7
+    mask = mask.clone()
+    mask[..., 0] = True   # every query sees at least one key, as in a real mask
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert (invariant_attention(q, k, v, mask) - want).abs().max() < 1e-5
+    padded = F.pad(mask, (0, 64 - S % 64))   # keys past S: masked, and zeros the function adds itself
+    assert (invariant_attention(q, k, v, padded) - want).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_invariant_backend_gives_each_token_the_same_bits_in_any_forward():
+    """bf16, the invariant backend: a token's logits are the same bits fed one per cached forward,
+    sixteen in one forward, or beside other rows of other lengths (what makes bf16 --verify exactly
+    AR). The model is wide enough for bf16 rounding to show: SDPA fails the same check here."""
+    cfg = ModelConfig(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=512)
+    m = Transformer(cfg).eval()
+    m.init_weights(0)
+    m = m.to(torch.bfloat16)
+    x = torch.randint(0, 256, (3, 90), generator=torch.Generator().manual_seed(0))
+
+    def logits(backend):
+        m.set_backend(backend)
+        one = KVCache(cfg, 1, 128, "cpu")
+        m(x[:1, :60], cache=one)
+        one.commit(60)
+        singles = []
+        for t in range(60, 76):
+            singles.append(m(x[:1, t:t + 1], cache=one)[0, 0])
+            one.commit(1)
+        three = KVCache(cfg, 3, 128, "cpu")     # rows of other lengths beside it, all 16 new tokens at once
+        m(x[:, :60], cache=three)
+        three.commit(torch.tensor([60, 37, 89]))
+        batched = m(torch.stack([x[0, 60:76], x[1, 37:53], x[2, 70:86]]), cache=three)[0]
+        return torch.stack(singles), batched
+    singles, batched = logits("invariant")
+    assert torch.equal(singles, batched)
+    singles, batched = logits("sdpa")
+    assert not torch.equal(singles, batched)   # the check can fail: bf16 SDPA's bits follow the forward's shape
+
+
+def test_invariant_backend_refuses_a_machine_whose_matmul_is_not_invariant(monkeypatch):
+    from configurator import UserError
+    import model as model_module
+    m = _model().to(torch.bfloat16)
+    m.set_backend("invariant")   # bf16 on this machine: the property holds
+    real = model_module.F.linear
+    monkeypatch.setattr(model_module.F, "linear", lambda x, w, b=None: real(x, w, b) + 1e-3 * x.shape[0])
+    with pytest.raises(UserError, match="matmul gives a row other bits"):
+        m.set_backend("invariant")
