@@ -37,10 +37,10 @@ top_p = 1.0
 batch_size = 8
 device = "cpu"
 dtype = "float32"          # float32 | bfloat16
-batch_invariant = True     # bfloat16: a token's logits are the same bits whatever else its forward feeds
-                           # (model.py's invariant backend), so greedy output is a function of the prompt
-                           # and --verify is exactly AR's; False: SDPA. fp32 always runs SDPA (on CPU no fp32
-                           # matmul is batch-invariant; --verify there equals AR wherever the argmax agrees)
+batch_invariant = True     # bfloat16 on CPU: a token's logits are the same bits whatever else its forward
+                           # feeds (model.py's invariant backend), so greedy output is a function of the prompt
+                           # and --verify is exactly AR's; False: SDPA. fp32 and CUDA run SDPA (no fp32 CPU matmul
+                           # is batch-invariant; CUDA is not measured); --verify there = AR wherever the argmax agrees
 seed = 1337
 quiet = False              # no progress line
 
@@ -109,7 +109,7 @@ def load(init_from, device="cpu", dtype=torch.float32, batch_invariant=True):
         model = load_lora_checkpoint(ckpt, info, device, dtype)
     else:
         model = load_checkpoint(ckpt, device=device, dtype=dtype)
-    invariant = batch_invariant and dtype == torch.bfloat16
+    invariant = batch_invariant and dtype == torch.bfloat16 and str(device) == "cpu"
     model = model.eval().set_backend("invariant" if invariant else "sdpa")
     return model, info, Tokenizer(info["tokenizer_path"])
 

@@ -105,3 +105,19 @@ def test_out_and_same_as_are_checked_before_decoding(tiny_ckpt, tmp_path, monkey
     out = tmp_path / "new" / "folder" / "g.jsonl"
     generate.main([*args, f"--out={out}"])
     assert len(open(out).readlines()) == 3 and os.listdir(out.parent) == ["g.jsonl"] and decoded == [1]
+
+
+def test_bf16_decodes_on_the_batch_invariant_backend(tiny_ckpt, tmp_path):
+    """--dtype=bfloat16 on CPU loads the batch-invariant backend unless --batch_invariant=False, and
+    its greedy output is then the same at batch 1 and batch 3; fp32 keeps SDPA."""
+    from generate import load
+    out = f"{tiny_ckpt}/out"
+    assert load(out, dtype=torch.bfloat16)[0].backend == "invariant"
+    assert load(out, dtype=torch.bfloat16, batch_invariant=False)[0].backend == "sdpa"
+    assert load(out)[0].backend == "sdpa"
+    data = [f"--init_from={out}", f"--data={tiny_ckpt}/data/val.jsonl", "--limit=6", "--max_new_tokens=12",
+            "--dtype=bfloat16", "--quiet=True"]
+    assert run_main("generate.py", *data, "--batch_size=1", f"--out={tmp_path}/b1.jsonl").returncode == 0
+    p = run_main("generate.py", *data, "--batch_size=3", f"--same_as={tmp_path}/b1.jsonl")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["identical"] == 6
