@@ -138,7 +138,7 @@ def pick_backend(cfg, device):
 # matmuls do not, at any row count. SDPA's reduction order follows the query and key lengths.
 # The "invariant" backend keeps the clean stream inside what was measured: linears in calls of at
 # most INVARIANT_ROWS rows, attention written out (HF's eager attention: q kᵀ and p v in the model
-# dtype, softmax in fp32) over keys padded with masked zeros to a multiple of INVARIANT_TILE.
+# dtype, softmax in fp32) over keys padded to a multiple of INVARIANT_TILE with masked ones.
 INVARIANT_ROWS, INVARIANT_TILE = 32, 64
 
 
@@ -148,13 +148,15 @@ def linear(x, weight, bias=None, rows=0):
     if not rows or n <= rows:
         return F.linear(x, weight, bias)
     flat = x.reshape(n, x.shape[-1])
-    return torch.cat([F.linear(flat[i:i + rows], weight, bias) for i in range(0, n, rows)]).view(*x.shape[:-1], -1)
+    out = torch.cat([F.linear(flat[i:i + rows], weight, bias) for i in range(0, n, rows)])
+    return out.view(*x.shape[:-1], -1)
 
 
 def invariant_attention(q, k, v, mask):
     """Attention as HF's eager code computes it, on keys padded to the mask's width: q (B, H, T, D),
-    k and v (B, Hkv, S', D) with S' <= S (zero-padded here), mask (B, 1, T, S) bool. Masked scores
-    get fp32's lowest value, not -inf, so a row that sees nothing is finite (padding rows)."""
+    k and v (B, Hkv, S', D) with S' <= S (zero-padded here), mask (B, 1, T, S) bool. Keys past a
+    query's own are masked: zeros or a cache's stale slots, finite either way, so their p = 0 adds
+    exact zeros. Masked scores get fp32's lowest value, not -inf: a row that sees nothing stays finite."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], mask.shape[-1]
     if k.shape[2] < S:
@@ -165,16 +167,18 @@ def invariant_attention(q, k, v, mask):
     return (p @ v).view(B, H, T, D)
 
 
-def check_invariant_matmul(weight, rows=INVARIANT_ROWS):
-    """The property the invariant backend rests on, checked on this machine's kernels with one of
-    the model's own weights: each row of a call of up to `rows` rows = the same row alone."""
-    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
-    whole = F.linear(x, weight)
-    if not all(torch.equal(F.linear(x[:m], weight), whole[:m]) for m in (1, 2, 3, 16, rows - 1)):
-        raise UserError(f"this machine's {weight.dtype} matmul gives a row other bits in a call of other rows, so the "
-                        "batch-invariant backend cannot make --verify exact here (it is measured for bf16 on AMX CPUs)")
-
-
+def invariant_matmuls(model, rows=INVARIANT_ROWS):
+    """The property the invariant backend rests on, checked on this machine's kernels with each of
+    the model's own weight shapes (bias included): every row of a call of up to `rows` rows = the
+    same row in a smaller call."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {(m.weight.shape, m.bias is not None): m for m in model.modules() if isinstance(m, Projection)}
+    for m in [*shapes.values(), model.lm_head]:
+        x = torch.randn(rows, m.weight.shape[1], generator=g).to(m.weight)
+        whole = F.linear(x, m.weight, m.bias)
+        if not all(torch.equal(F.linear(x[:n], m.weight, m.bias), whole[:n]) for n in (1, 2, 3, 16, rows - 1)):
+            return False
+    return True
 
 
 # ----------------------------------------------------------------------------- layers
@@ -244,7 +248,7 @@ class Projection(nn.Linear):
             return y + self.lora(x, self.rows)
         flat = y.view(-1, y.shape[-1])   # in place: y is this call's own, and linear's backward never reads it
         if isinstance(gate, slice):      # one run of rows (a decoding step at batch 1): a view, no gather or scatter
-            flat[gate] += self.lora(x.reshape(-1, x.shape[-1])[gate]).to(y.dtype)
+            flat[gate].add_(self.lora(x.reshape(-1, x.shape[-1])[gate]).to(y.dtype))
             return y
         return flat.index_add_(0, gate, self.lora(x.reshape(-1, x.shape[-1])[gate]).to(y.dtype)).view_as(y)
 
@@ -360,7 +364,7 @@ class LoRA(nn.Module):
         """rows: the invariant backend's row limit for every row's delta; a decoding forward without
         it (gated slots, SDPA) takes the fp32 form."""
         A, B = self.fused()
-        if self.frozen is not None and torch.is_inference_mode_enabled() and not rows:
+        if torch.is_inference_mode_enabled() and not rows:   # fused() has just cached the fp32 form
             At, Bt = self.frozen[2]
             return ((x.to(At.dtype) @ At) @ Bt).to(x.dtype)
         return self.scale * linear(linear(F.dropout(x, self.dropout, self.training), A, rows=rows), B, rows=rows)
@@ -409,8 +413,8 @@ class KVCache:
     """
 
     def __init__(self, cfg, batch_size, max_len, device, dtype=None):
-        max_len = -(-max_len // INVARIANT_TILE) * INVARIANT_TILE   # room for a padded key width
-        self.shape, self.device = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim), device
+        room = -(-max_len // INVARIANT_TILE) * INVARIANT_TILE   # buffers with room for a padded key width
+        self.shape, self.device = (batch_size, cfg.n_kv_head, room, cfg.head_dim), device
         self.k, self.v = ([None if dtype is None else torch.zeros(self.shape, device=device, dtype=dtype)
                            for _ in range(cfg.n_layer)] for _ in range(2))
         self.length = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -422,7 +426,7 @@ class KVCache:
         S = int((self.length + T).max())
         if S > self.max_len:
             raise ValueError(f"KV cache overflow: need {S} positions, have {self.max_len}")
-        W = min(-(-S // tile) * tile, self.max_len)
+        W = min(-(-S // tile) * tile, self.shape[2])
         rows = torch.arange(len(self.length), device=self.length.device)[:, None]
         idx = self.length[:, None] + torch.arange(T, device=self.length.device)   # (B, T)
         return [LayerCache(self, i, rows, idx, W) for i in range(len(self.k))], S, W
@@ -458,8 +462,10 @@ class Transformer(nn.Module):
         materialises the scores), 'sdpa' (dense boolean mask) or 'invariant' (each token's bits
         independent of what else the forward feeds: bf16 decoding that --verify keeps exact)."""
         assert backend in ("flex", "sdpa", "invariant"), backend
-        if backend == "invariant":
-            check_invariant_matmul(self.lm_head.weight)
+        if backend == "invariant" and not invariant_matmuls(self):
+            raise UserError(f"this machine's {self.lm_head.weight.dtype} matmul gives a row other bits in a call of other "
+                            "rows, so the batch-invariant backend cannot make decoding batch-invariant here (measured "
+                            "for bf16 on AMX CPUs); decode with --batch_invariant=False")
         self.backend = backend
         for m in self.modules():
             if isinstance(m, Projection):
@@ -539,7 +545,7 @@ class Transformer(nn.Module):
             if len(rows) or self.training:   # training: the row stays in the graph (a zero gradient
                 x = torch.where(is_mask, self.mask_embed.to(x.dtype), x)   # without MASK), as DDP needs
             gate = rows if self.lora_config["gated"] else None   # gated LoRA: the MASK rows only
-            if gate is not None and len(gate) and int(gate[-1]) - int(gate[0]) + 1 == len(gate):
+            if gate is not None and not self.training and len(gate) and int(gate[-1]) - int(gate[0]) + 1 == len(gate):
                 gate = slice(int(gate[0]), int(gate[-1]) + 1)   # one run of rows: a view in each projection
         rope = rope_tables(self.inv_freq, pos, x.dtype)
         for layer, lc in zip(self.layers, layer_caches):

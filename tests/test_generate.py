@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_clean_error, run_main, run_script
+from conftest import assert_clean_error, needs_invariant_bf16, run_main, run_script
 
 from decoders import sample
 from generate import extract_answer, is_correct
@@ -111,6 +111,7 @@ def test_bf16_decodes_on_the_batch_invariant_backend(tiny_ckpt, tmp_path):
     """--dtype=bfloat16 on CPU loads the batch-invariant backend unless --batch_invariant=False, and
     its greedy output is then the same at batch 1 and batch 3; fp32 keeps SDPA."""
     from generate import load
+    needs_invariant_bf16()
     out = f"{tiny_ckpt}/out"
     assert load(out, dtype=torch.bfloat16)[0].backend == "invariant"
     assert load(out, dtype=torch.bfloat16, batch_invariant=False)[0].backend == "sdpa"
@@ -121,3 +122,10 @@ def test_bf16_decodes_on_the_batch_invariant_backend(tiny_ckpt, tmp_path):
     p = run_main("generate.py", *data, "--batch_size=3", f"--same_as={tmp_path}/b1.jsonl")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1])["identical"] == 6
+
+
+def test_bf16_falls_back_to_sdpa_where_the_matmul_is_not_invariant(tiny_ckpt, monkeypatch, capsys):
+    import generate
+    monkeypatch.setattr(generate, "invariant_matmuls", lambda model: False)
+    assert generate.load(f"{tiny_ckpt}/out", dtype=torch.bfloat16)[0].backend == "sdpa"
+    assert "not batch-invariant" in capsys.readouterr().err

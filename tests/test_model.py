@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import EAGER_FLEX, STORIES, assert_clean_error, run_main
+from conftest import EAGER_FLEX, STORIES, assert_clean_error, needs_invariant_bf16, run_main
 
 import transformers
 from decoders import decode_ar
@@ -282,6 +282,7 @@ def test_invariant_backend_gives_each_token_the_same_bits_in_any_forward():
     """bf16, the invariant backend: a token's logits are the same bits fed one per cached forward,
     sixteen in one forward, or beside other rows of other lengths (what makes bf16 --verify exactly
     AR). The model is wide enough for bf16 rounding to show: SDPA fails the same check here."""
+    needs_invariant_bf16()
     cfg = ModelConfig(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=512)
     m = Transformer(cfg).eval()
     m.init_weights(0)
@@ -310,6 +311,7 @@ def test_invariant_backend_gives_each_token_the_same_bits_in_any_forward():
 
 def test_invariant_backend_refuses_a_machine_whose_matmul_is_not_invariant(monkeypatch):
     from configurator import UserError
+    needs_invariant_bf16()
     import model as model_module
     m = _model().to(torch.bfloat16)
     m.set_backend("invariant")   # bf16 on this machine: the property holds
