@@ -97,7 +97,8 @@ def needs_invariant_bf16():
     """Skip where this machine's bf16 matmul is not row-invariant (model.py's invariant backend is
     measured on AMX CPUs; generate.py falls back to SDPA elsewhere and says so)."""
     import torch
-    from model import ModelConfig, Transformer, invariant_matmuls
+    from invariant import invariant_matmuls
+    from model import ModelConfig, Transformer
     m = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=64)).to(torch.bfloat16)
     if not invariant_matmuls(m):
         pytest.skip("this CPU's bf16 matmul gives a row other bits in calls of other sizes (no AMX?)")

@@ -263,7 +263,7 @@ def test_invariant_attention_is_attention(T, S):
     """The batch-invariant backend's attention (written out, keys zero-padded to its mask's width)
     against SDPA on the same dense mask, grouped query heads included; in fp32 the two differ by
     rounding only."""
-    from model import invariant_attention
+    from invariant import invariant_attention
     import torch.nn.functional as F
     g = torch.Generator().manual_seed(T)
     q = torch.randn(2, 6, T, 16, generator=g)
