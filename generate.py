@@ -19,7 +19,6 @@ import torch
 from configurator import UserError, configure, cli, defaults_from, print_config
 from checkpoint import find_checkpoint, load_checkpoint, load_info, load_lora_checkpoint
 from decoders import DECODERS, DECODES, cut_at_eos, draft_vocabulary
-from invariant import invariant_matmuls
 from prepare import Tokenizer, read_rows, row_texts
 
 init_from = "out/toy"      # a training out_dir, one checkpoint folder, a Hugging Face model folder or a .gguf file
@@ -110,12 +109,13 @@ def load(init_from, device="cpu", dtype=torch.float32, batch_invariant=True):
         model = load_lora_checkpoint(ckpt, info, device, dtype)
     else:
         model = load_checkpoint(ckpt, device=device, dtype=dtype)
-    invariant = batch_invariant and dtype == torch.bfloat16 and torch.device(device).type == "cpu"
-    if invariant and not invariant_matmuls(model):
-        invariant = False
-        print("note: this CPU's bf16 matmul is not batch-invariant (model.py): decoding with SDPA, whose greedy "
-              "output may depend on the batch, and --verify equals AR only where the argmax agrees", file=sys.stderr)
-    model = model.eval().set_backend("invariant" if invariant else "sdpa")
+    model = model.eval().set_backend("sdpa")
+    if batch_invariant and dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+        try:   # set_backend checks the machine's kernels once
+            model.set_backend("invariant")
+        except UserError:
+            print("note: this CPU's bf16 matmul is not batch-invariant (invariant.py): decoding with SDPA, whose greedy "
+                  "output may depend on the batch, and --verify equals AR only where the argmax agrees", file=sys.stderr)
     return model, info, Tokenizer(info["tokenizer_path"])
 
 

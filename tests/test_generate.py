@@ -126,6 +126,7 @@ def test_bf16_decodes_on_the_batch_invariant_backend(tiny_ckpt, tmp_path):
 
 def test_bf16_falls_back_to_sdpa_where_the_matmul_is_not_invariant(tiny_ckpt, monkeypatch, capsys):
     import generate
-    monkeypatch.setattr(generate, "invariant_matmuls", lambda model: False)
+    import model
+    monkeypatch.setattr(model, "invariant_matmuls", lambda m: False)
     assert generate.load(f"{tiny_ckpt}/out", dtype=torch.bfloat16)[0].backend == "sdpa"
     assert "not batch-invariant" in capsys.readouterr().err
