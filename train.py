@@ -84,7 +84,7 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
-# evaluation, logging, checkpoints
+# evaluation, logging, checkpoints: every so many steps (eval_interval=0: never; log and save: 0 = at the end)
 eval_interval = 250
 eval_iters = 10                # validation micro-batches (0: all), the same ones on any number of ranks
 eval_only = False             # evaluate init_from on the validation split and exit; val reports
@@ -377,6 +377,9 @@ def check(c, world):
     if c.gated_lora and c.export_hf:
         raise UserError("export_hf: gated LoRA adapters cannot be merged (they act at MASK slots only); "
                         "generate.py loads the checkpoint's base + adapters directly")
+    bad = [k for k in ("eval_interval", "log_interval", "save_interval", "eval_iters") if getattr(c, k) < 0]
+    if bad:
+        raise UserError(f"{bad[0]}={getattr(c, bad[0])}: expected a number of steps >= 0 (0: only at the end)")
     if c.resume not in ("auto", "never"):
         raise UserError(f"resume={c.resume!r}: expected auto or never")
     if c.gradient_accumulation_steps % world:
@@ -479,7 +482,7 @@ def train(c):
         opt.zero_grad(set_to_none=True)
         step += 1
         logger.step(step, metrics, lr, float(gnorm), batches, time.time() - t0)
-        if step % c.save_interval == 0 or step == total:
+        if (c.save_interval and step % c.save_interval == 0) or step == total:
             save_checkpoint(c, raw, opt, step, rank, tok, info)
     if c.export_hf:
         export(c, raw, rank, tok, info)
@@ -546,7 +549,7 @@ class Logger:
             f.write(json.dumps({"step": step, **rec}) + "\n")
         if self.wandb:
             self.wandb.log(rec, step=step)
-        if step % self.c.log_interval == 0 or step == self.total:
+        if (self.c.log_interval and step % self.c.log_interval == 0) or step == self.total:
             el = time.time() - self.t_start
             eta = el / (step - self.start) * (self.total - step)
             extra = " ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "loss")

@@ -121,11 +121,17 @@ def test_export_hf_and_wandb_offline(toy_data, tmp_path):
     assert runs and any(f.endswith(".wandb") for f in os.listdir(out / "wandb" / runs[0]))
 
 
+def test_zero_intervals_mean_only_at_the_end(toy_data, tmp_path):
+    run_train(toy_data, tmp_path / "o", "--max_iters=3", "--save_interval=0", "--log_interval=0")
+    assert sorted(os.listdir(tmp_path / "o")) == ["ckpt_0000003", "log.jsonl"] and len(losses(tmp_path / "o")) == 3
+
+
 def test_bad_input_fails_cleanly(toy_data, tmp_path):
     base = [f"--out_dir={tmp_path}/o", "--max_iters=1"]
     cases = [
         ([f"--data_dir={tmp_path}/nothing"], "no meta.json"),
         ([f"--data_dir={toy_data}", "--mode=ddpm"], "unknown mode 'ddpm'"),
+        ([f"--data_dir={toy_data}", "--save_interval=-1"], "save_interval=-1: expected a number of steps >= 0"),
         ([f"--data_dir={toy_data}", f"--init_from={tmp_path}/missing"], "no such folder"),
         ([f"--data_dir={toy_data}", "--init_from=assets/stories260K"], "prepared with tokenizer 'byte'"),
     ]
