@@ -379,7 +379,7 @@ def check(c, world):
                         "generate.py loads the checkpoint's base + adapters directly")
     bad = [k for k in ("eval_interval", "log_interval", "save_interval", "eval_iters") if getattr(c, k) < 0]
     if bad:
-        raise UserError(f"{bad[0]}={getattr(c, bad[0])}: expected a number of steps >= 0 (0: only at the end)")
+        raise UserError(f"{bad[0]}={getattr(c, bad[0])}: expected a count >= 0")
     if c.resume not in ("auto", "never"):
         raise UserError(f"resume={c.resume!r}: expected auto or never")
     if c.gradient_accumulation_steps % world:

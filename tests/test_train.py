@@ -131,7 +131,7 @@ def test_bad_input_fails_cleanly(toy_data, tmp_path):
     cases = [
         ([f"--data_dir={tmp_path}/nothing"], "no meta.json"),
         ([f"--data_dir={toy_data}", "--mode=ddpm"], "unknown mode 'ddpm'"),
-        ([f"--data_dir={toy_data}", "--save_interval=-1"], "save_interval=-1: expected a number of steps >= 0"),
+        ([f"--data_dir={toy_data}", "--save_interval=-1"], "save_interval=-1: expected a count >= 0"),
         ([f"--data_dir={toy_data}", f"--init_from={tmp_path}/missing"], "no such folder"),
         ([f"--data_dir={toy_data}", "--init_from=assets/stories260K"], "prepared with tokenizer 'byte'"),
     ]
