@@ -182,7 +182,8 @@ class Projection(nn.Linear):
     """A linear layer that may carry a LoRA (`lora`: None until Transformer.add_lora gives it one).
     Gated LoRA: gate holds the flat indices of the (B*T) rows that get the delta (or their slice,
     where they are one run), computed there only; every other row is the frozen layer's output,
-    bit for bit (and with no gated row the adapters cost nothing)."""
+    bit for bit (and with no gated row the adapters cost nothing). Decoding (inference mode) runs
+    the adapters folded into the layer's own matmul (LoRA.folded), in eval mode."""
 
     rows = 0   # the invariant backend's calls of at most this many rows (model.set_backend)
 
@@ -190,10 +191,28 @@ class Projection(nn.Linear):
         super().__init__(*args, **kw)
         self.lora = None
 
+    def _apply(self, *args, **kw):   # .to() and the like: the adapter's fold (a copy of the weight) goes too
+        if self.lora is not None:
+            self.lora.fold = None
+        return super()._apply(*args, **kw)
+
     def forward(self, x, gate=None):
-        y = linear(x, self.weight, self.bias, self.rows)
         if self.lora is None or (isinstance(gate, torch.Tensor) and len(gate) == 0):
-            return y
+            return linear(x, self.weight, self.bias, self.rows)
+        decoding = torch.is_inference_mode_enabled() and not self.training
+        folded = self.lora.folded(self, x.numel() // x.shape[-1]) if decoding else None
+        if folded is not None:   # one matmul gives [frozen output | x Aᵀ]; delta = (x Aᵀ)(scale B)ᵀ
+            W, b, B = folded
+            y = linear(x, W, b, self.rows)
+            o, flat = self.out_features, y.view(-1, y.shape[-1])
+            if gate is None:
+                flat[:, :o].add_(linear(flat[:, o:], B, rows=self.rows))
+            elif isinstance(gate, slice):
+                flat[gate, :o].add_(F.linear(flat[gate, o:], B))
+            else:
+                flat[:, :o].index_add_(0, gate, F.linear(flat[gate, o:], B))
+            return y[..., :o]
+        y = linear(x, self.weight, self.bias, self.rows)
         if gate is None:
             return y + self.lora(x, self.rows)
         flat = y.view(-1, y.shape[-1])   # in place: y is this call's own, and linear's backward never reads it
@@ -293,30 +312,42 @@ class LoRA(nn.Module):
         self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(o, rank)) for n, o in slices if n in targets})
         for a in self.lora_A.values():   # peft's default: Kaiming-uniform A, zero B
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.frozen = None   # decoding (inference mode): (the weights' identity, fused (A, B), decoding form)
+        self.fold = None   # decoding: (the weights' identity, LoRA.folded's form or None)
 
     def fused(self):
-        """A (r * targeted, in) and B (out, r * targeted): a slice without an adapter is zero rows.
-        In inference mode they are cached while the adapters are unchanged, beside the form decoding
-        runs: Aᵀ and (scale B)ᵀ in fp32, contiguous. On the CPU a bf16 matmul of a few rows costs
-        twice an fp32 one: SmolLM2's q/k/v delta for 12 slot rows took 92 us as two bf16 matmuls and
-        a bf16 multiply by the scale, 42 us in this form with its casts."""
-        key = [(p.data_ptr(), p._version) for p in self.parameters()] if torch.is_inference_mode_enabled() else None
-        if key is None or self.frozen is None or self.frozen[0] != key:
-            A = torch.cat([self.lora_A[n] for n, _ in self.slices if n in self.lora_A])
-            B = torch.block_diag(*[self.lora_B[n] if n in self.lora_B else A.new_zeros(o, 0) for n, o in self.slices])
-            if key is None:
-                return A, B
-            self.frozen = (key, (A, B), (A.float().t().contiguous(), (self.scale * B.float()).t().contiguous()))
-        return self.frozen[1]
+        """A (r * targeted, in) and B (out, r * targeted): a slice without an adapter is zero rows."""
+        A = torch.cat([self.lora_A[n] for n, _ in self.slices if n in self.lora_A])
+        B = torch.block_diag(*[self.lora_B[n] if n in self.lora_B else A.new_zeros(o, 0) for n, o in self.slices])
+        return A, B
+
+    def folded(self, layer, n):
+        """Decoding's form of the adapter on `layer` (its Projection) for a call of n rows:
+        W' = [W; A] (bias zero-padded) and scale B, in the layer's dtype, so that one matmul gives
+        the frozen output and x Aᵀ together. The layer's weight becomes a view of W' (no second copy
+        of it). Cached while the weights are unchanged. None (the unfolded path) where this machine's
+        matmul gives the frozen rows other bits once A's rows are appended: checked on probe rows,
+        once for each size of call the layer makes (`linear` splits n into calls of layer.rows).
+        On the CPU this is what makes gated decoding cheap: a separate x Aᵀ, its casts and the add
+        cost SmolLM2 ~6 ms a forward at batch 1 in bf16 (58 against 64 ms a gated step)."""
+        W, b = layer.weight, layer.bias
+        params = [p for p in (W, b, *self.parameters()) if p is not None]
+        if self.fold is None or self.fold[0] != [(p.data_ptr(), p._version) for p in params]:
+            with torch.inference_mode(False), torch.no_grad():
+                A, B = self.fused()
+                Wc = torch.cat([W, A.to(W.dtype)])
+                bc = None if b is None else torch.cat([b, b.new_zeros(len(A))])
+                W.data = Wc[:len(W)]
+            self.fold = ([(p.data_ptr(), p._version) for p in params], (Wc, bc, (self.scale * B).to(W.dtype)), {})
+        _, form, same = self.fold
+        sizes = {n} if not layer.rows or n <= layer.rows else {layer.rows, n % layer.rows} - {0}
+        for m in sizes - same.keys():
+            probe = torch.randn(m, W.shape[1], generator=torch.Generator().manual_seed(m)).to(W)
+            same[m] = torch.equal(F.linear(probe, form[0], form[1])[:, :len(W)], F.linear(probe, W, b))
+        return form if all(same[m] for m in sizes) else None
 
     def forward(self, x, rows=0):
-        """rows: the invariant backend's row limit for every row's delta; a decoding forward without
-        it (gated slots, SDPA) takes the fp32 form."""
+        """rows: the invariant backend's row limit."""
         A, B = self.fused()
-        if torch.is_inference_mode_enabled() and not rows:   # fused() has just cached the fp32 form
-            At, Bt = self.frozen[2]
-            return ((x.to(At.dtype) @ At) @ Bt).to(x.dtype)
         return self.scale * linear(linear(F.dropout(x, self.dropout, self.training), A, rows=rows), B, rows=rows)
 
 

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import STORIES, assert_clean_error, checkpoint_tensors, run_main
 from safetensors.torch import load_file
 
@@ -298,15 +299,19 @@ def test_gated_split_forward_equals_one_forward(tmp_path, sampler):
 
 def test_fused_adapters_are_each_projections_own_and_follow_updates():
     """A LoRA runs its slices as one stacked A and a block-diagonal B; that is each HF projection's
-    own B A x (zero for a slice without an adapter), and the copy decoding caches (inference mode)
-    follows every in-place update of an adapter (an optimizer step, a checkpoint load)."""
-    m = from_pretrained(STORIES).add_lora(4, 8.0, targets="q,v,up")
-    lora = m.layers[0].self_attn.qkv_proj.lora
+    own B A x (zero for a slice without an adapter). Decoding (inference mode) folds A into the
+    layer's matmul: every row it does not gate keeps the frozen layer's bits, the gated rows (a
+    slice or indices) and an ungated LoRA get the delta, the layer's weight is a view of the
+    folded matrix (no second copy), and the fold follows every in-place update of an adapter."""
+    m = from_pretrained(STORIES).add_lora(4, 8.0, targets="q,v,up").eval()
+    layer = m.layers[0].self_attn.qkv_proj
+    lora = layer.lora
     torch.manual_seed(0)
     with torch.no_grad():
         for p in lora.lora_B.values():
             p.normal_()
     x = torch.randn(3, 5, lora.in_features)
+    W0 = layer.weight.detach().clone()
 
     def by_hand():
         parts = [lora.scale * x @ lora.lora_A[n].T @ lora.lora_B[n].T if n in lora.lora_A else x.new_zeros(3, 5, o)
@@ -314,12 +319,26 @@ def test_fused_adapters_are_each_projections_own_and_follow_updates():
         return torch.cat(parts, -1)
     assert [n for n, _ in lora.slices] == ["q", "k", "v"] and "k" not in lora.lora_A
     torch.testing.assert_close(lora(x), by_hand())
-    with torch.inference_mode():
-        torch.testing.assert_close(lora(x), by_hand())
-        before = lora(x)
-    with torch.no_grad():
-        lora.lora_B["v"].mul_(2.0)
-    with torch.inference_mode():
-        after = lora(x)
-    torch.testing.assert_close(after, by_hand())
-    assert not torch.allclose(after, before)
+    frozen = F.linear(x, W0, layer.bias)
+    for gate in (None, slice(4, 9), torch.tensor([1, 6, 7, 14]), torch.tensor([], dtype=torch.long)):
+        with torch.inference_mode():
+            y = layer(x, gate)
+        before = y if gate is None else before
+        rows = torch.zeros(15, dtype=torch.bool)
+        rows[gate if gate is not None else slice(None)] = True
+        assert torch.equal(y.reshape(15, -1)[~rows], frozen.reshape(15, -1)[~rows])
+        torch.testing.assert_close(y.reshape(15, -1)[rows], (frozen + by_hand()).reshape(15, -1)[rows])
+    assert set(lora.fold[2]) == {15}   # the one call size probed (on this CPU the fold keeps the bits: True)
+    assert lora.fold[1] is not None and layer.weight.data_ptr() == lora.fold[1][0].data_ptr()
+    assert torch.equal(layer.weight, W0) and torch.equal(m.state_dict()["layers.0.self_attn.qkv_proj.weight"], W0)
+    for p in (lora.lora_B["v"], lora.lora_A["q"]):
+        with torch.no_grad():
+            p.mul_(2.0)
+        with torch.inference_mode():
+            after = layer(x)
+        torch.testing.assert_close(after, frozen + by_hand())
+        assert not torch.allclose(after, before)
+        before = after
+    m.train()
+    layer(x).sum().backward()   # training after a decode: the weight is no inference tensor
+    assert not layer.weight.is_inference() and lora.lora_A["q"].grad is not None
