@@ -17,7 +17,8 @@ import torch
 
 from configurator import UserError
 from hf import from_pretrained, gguf_folder, hf_config, read_hf_config, save_peft_adapter, save_pretrained
-from model import Transformer, empty, is_adapter_key, rope_inv_freq
+from lora import is_adapter_key
+from model import Transformer, empty, rope_inv_freq
 from prepare import Tokenizer
 
 

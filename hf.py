@@ -13,7 +13,8 @@ import shutil
 import torch
 
 from configurator import UserError
-from model import ModelConfig, Transformer, empty, is_adapter_key, local_rows, rope_inv_freq
+from lora import is_adapter_key
+from model import ModelConfig, Transformer, empty, local_rows, rope_inv_freq
 
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",

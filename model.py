@@ -1,6 +1,7 @@
 """
 The Transformer (Llama / Qwen2 / Qwen3 / Mistral family), attention by mask function,
-a static KV cache, LoRA and gated LoRA, and init (weights on disk: hf.py, checkpoint.py).
+a static KV cache, LoRA and gated LoRA (the adapters: lora.py), and init (weights on disk: hf.py,
+checkpoint.py).
 
 Attention rules are FlexAttention-style `mask_mod(b, h, q_idx, kv_idx) -> bool` functions.
 Indices are *physical* positions in the row (cached tokens first, then the new ones), so
@@ -17,6 +18,7 @@ from torch.nn.attention.flex_attention import flex_attention, create_block_mask
 
 from configurator import UserError
 from invariant import INVARIANT_ROWS, INVARIANT_TILE, invariant_attention, invariant_matmuls, linear
+from lora import LORA_SLOTS, LoRA, SamplerHead, is_adapter_key, parse_lora_targets
 
 
 @dataclass
@@ -270,101 +272,6 @@ class Block(nn.Module):
     def forward(self, x, rope, attend, cache=None, gate=None):
         x = x + self.self_attn(self.input_layernorm(x), rope, attend, cache, gate)
         return x + self.mlp(self.post_attention_layernorm(x), gate)
-
-
-# ----------------------------------------------------------------------------- LoRA
-
-# each HF projection name -> (submodule, our fused linear); slices of a fused one in this order
-LORA_SLOTS = {"q": ("self_attn", "qkv_proj"), "k": ("self_attn", "qkv_proj"), "v": ("self_attn", "qkv_proj"),
-              "o": ("self_attn", "o_proj"), "gate": ("mlp", "gate_up_proj"), "up": ("mlp", "gate_up_proj"),
-              "down": ("mlp", "down_proj")}
-
-
-def is_adapter_key(name):
-    """The state-dict names a LoRA run adds and trains: adapters, the MASK row, the sampler head."""
-    return ".lora." in name or name == "mask_embed" or name.startswith("sampler_head.")
-
-
-def parse_lora_targets(targets):
-    """'all-linear', 'q,k,v', or a list of names from LORA_SLOTS -> a list in LORA_SLOTS order."""
-    if isinstance(targets, str):
-        targets = list(LORA_SLOTS) if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    bad = [t for t in targets if t not in LORA_SLOTS]
-    if bad or not targets:
-        raise UserError(f"lora_targets={targets!r}: expected 'all-linear' or names from {', '.join(LORA_SLOTS)}")
-    return [t for t in LORA_SLOTS if t in targets]
-
-
-class LoRA(nn.Module):
-    """
-    LoRA (Hu et al., arXiv 2106.09685) for one linear layer whose output may fuse several HF
-    projections (q|k|v, gate|up). Each targeted slice has its own A (r, in) and B (out, r), so the
-    adapters map one to one onto peft's per-projection ones; untargeted slices get no delta.
-    delta = alpha / r * B A dropout(x); B starts at zero, so the model is unchanged at step 0.
-    The slices' adapters run as two matmuls: every A stacked, then a block-diagonal B.
-    """
-
-    def __init__(self, in_features, slices, targets, rank, alpha, dropout):
-        super().__init__()
-        self.slices, self.scale, self.dropout = slices, alpha / rank, dropout    # slices: [(name, out)]
-        self.in_features = in_features
-        self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(rank, in_features)) for n, _ in slices if n in targets})
-        self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(o, rank)) for n, o in slices if n in targets})
-        for a in self.lora_A.values():   # peft's default: Kaiming-uniform A, zero B
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.fold = None   # decoding: (the weights' identity, LoRA.folded's form or None)
-
-    def fused(self):
-        """A (r * targeted, in) and B (out, r * targeted): a slice without an adapter is zero rows."""
-        A = torch.cat([self.lora_A[n] for n, _ in self.slices if n in self.lora_A])
-        B = torch.block_diag(*[self.lora_B[n] if n in self.lora_B else A.new_zeros(o, 0) for n, o in self.slices])
-        return A, B
-
-    def folded(self, layer, n):
-        """Decoding's form of the adapter on `layer` (its Projection) for a call of n rows:
-        W' = [W; A] (bias zero-padded) and scale B, in the layer's dtype, so that one matmul gives
-        the frozen output and x Aᵀ together. The layer's weight becomes a view of W' (no second copy
-        of it). Cached while the weights are unchanged. None (the unfolded path) where this machine's
-        matmul gives the frozen rows other bits once A's rows are appended: checked on probe rows,
-        once for each size of call the layer makes (`linear` splits n into calls of layer.rows).
-        On the CPU this is what makes gated decoding cheap: a separate x Aᵀ, its casts and the add
-        cost SmolLM2 ~6 ms a forward at batch 1 in bf16 (58 against 64 ms a gated step)."""
-        W, b = layer.weight, layer.bias
-        params = [p for p in (W, b, *self.parameters()) if p is not None]
-        if self.fold is None or self.fold[0] != [(p.data_ptr(), p._version) for p in params]:
-            with torch.inference_mode(False), torch.no_grad():
-                A, B = self.fused()
-                Wc = torch.cat([W, A.to(W.dtype)])
-                bc = None if b is None else torch.cat([b, b.new_zeros(len(A))])
-                W.data = Wc[:len(W)]
-            self.fold = ([(p.data_ptr(), p._version) for p in params], (Wc, bc, (self.scale * B).to(W.dtype)), {})
-        _, form, same = self.fold
-        sizes = {n} if not layer.rows or n <= layer.rows else {layer.rows, n % layer.rows} - {0}
-        for m in sizes - same.keys():
-            probe = torch.randn(m, W.shape[1], generator=torch.Generator().manual_seed(m)).to(W)
-            same[m] = torch.equal(F.linear(probe, form[0], form[1])[:, :len(W)], F.linear(probe, W, b))
-        return form if all(same[m] for m in sizes) else None
-
-    def forward(self, x, rows=0):
-        """rows: the invariant backend's row limit."""
-        A, B = self.fused()
-        return self.scale * linear(linear(F.dropout(x, self.dropout, self.training), A, rows=rows), B, rows=rows)
-
-
-class SamplerHead(nn.Module):
-    """Apple's sampler head (arXiv 2507.11851): a slot's final state is conditioned on the token
-    drafted just before it, z = h + W2 silu(W1 [h; embedding(prev)]), so the drafts of one group
-    form a chain rather than independent guesses. W2 starts at zero: at first z = h."""
-
-    def __init__(self, C):
-        super().__init__()
-        self.fc1 = nn.Linear(2 * C, C, bias=False)
-        self.fc2 = nn.Linear(C, C, bias=False)
-        nn.init.kaiming_uniform_(self.fc1.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.fc2.weight)
-
-    def forward(self, h, prev_emb):
-        return h + self.fc2(F.silu(self.fc1(torch.cat([h, prev_emb.to(h.dtype)], -1))))
 
 
 # ----------------------------------------------------------------------------- KV cache

@@ -24,7 +24,8 @@ from checkpoint import (barrier, check_resume, checkpoint_info, checkpoint_sourc
 from configurator import UserError, configure, cli, defaults_from, print_config
 from batching import Batches, Shards, pack_rows
 from hf import hf_source, materialize
-from model import ModelConfig, Transformer, empty, pad_vocab, parse_lora_targets, pick_backend
+from lora import parse_lora_targets
+from model import ModelConfig, Transformer, empty, pad_vocab, pick_backend
 from objectives import MODES, padded_response, sft_length
 from prepare import Tokenizer
 

@@ -328,8 +328,8 @@ def test_fused_adapters_are_each_projections_own_and_follow_updates():
         rows[gate if gate is not None else slice(None)] = True
         assert torch.equal(y.reshape(15, -1)[~rows], frozen.reshape(15, -1)[~rows])
         torch.testing.assert_close(y.reshape(15, -1)[rows], (frozen + by_hand()).reshape(15, -1)[rows])
-    assert set(lora.fold[2]) == {15}   # the one call size probed (on this CPU the fold keeps the bits: True)
-    assert lora.fold[1] is not None and layer.weight.data_ptr() == lora.fold[1][0].data_ptr()
+    assert set(lora.fold["ok"]) == {15}   # the one call size probed (on this CPU the fold keeps the bits: True)
+    assert layer.weight.data_ptr() == lora.fold["form"][0].data_ptr()
     assert torch.equal(layer.weight, W0) and torch.equal(m.state_dict()["layers.0.self_attn.qkv_proj.weight"], W0)
     for p in (lora.lora_B["v"], lora.lora_A["q"]):
         with torch.no_grad():
