@@ -57,9 +57,8 @@ PRESETS = {  # model, data and budget; every mode gets the same
 }
 GATED = {"lora_rank": "{rank}", "lora_alpha": "{rank}", "gated_lora": True, "sampler_head": True,
          "max_iters": "{drafter_iters}"}
-# trained mode -> (train overrides, [(decoder label, generate overrides)]); placeholders: {sft} the sft run,
-# {rank} --lora_rank, {drafter_iters} --drafter_steps x max_iters, {self} the sft model's own greedy answers
-# to the training prompts (self-distillation)
+# trained mode -> (train overrides, [(decoder label, generate overrides)]); placeholders: {sft} the sft run, {rank}
+# --lora_rank, {drafter_iters} --drafter_steps x max_iters, {self} sft's greedy answers to the training prompts
 RUNS = {
     "sft": ({}, [("ar", {})]),
     "refine": ({"mode": "refine", "num_iterations": 2, "ar_loss_weight": 1.0},
@@ -417,8 +416,7 @@ def main(argv=None):
     res["prepare_gsm8k"] = prepare_speed(b.gsm8k, tmp, 500 if b.quick else None) if not b.only else None
     res["seconds"] = round(time.time() - t0, 1)
     print(tables(res))
-    h = res["hf_generate"]
-    if h:
+    if h := res["hf_generate"]:
         print(f"\nstories260K greedy decoding: ours {h['ours_tokens_per_s']:,.0f} tok/s, transformers generate "
               f"{h['hf_tokens_per_s']:,.0f} tok/s ({h['ratio']:.2f}x)")
     r = res["forward_cost"]
