@@ -203,25 +203,23 @@ class Projection(nn.Linear):
             return linear(x, self.weight, self.bias, self.rows)
         decoding = torch.is_inference_mode_enabled() and not self.training
         folded = self.lora.folded(self, x.numel() // x.shape[-1]) if decoding else None
+        limit = self.rows if gate is None else 0   # every row's delta keeps the invariant row limit; slots need not
         if folded is not None:   # one matmul gives [frozen output | x Aᵀ]; delta = (x Aᵀ)(scale B)ᵀ
             W, b, B = folded
             y = linear(x, W, b, self.rows)
-            o, flat = self.out_features, y.view(-1, y.shape[-1])
-            if gate is None:
-                flat[:, :o].add_(linear(flat[:, o:], B, rows=self.rows))
-            elif isinstance(gate, slice):
-                flat[gate, :o].add_(F.linear(flat[gate, o:], B))
-            else:
-                flat[:, :o].index_add_(0, gate, F.linear(flat[gate, o:], B))
-            return y[..., :o]
-        y = linear(x, self.weight, self.bias, self.rows)
-        if gate is None:
-            return y + self.lora(x, self.rows)
-        flat = y.view(-1, y.shape[-1])   # in place: y is this call's own, and linear's backward never reads it
-        if isinstance(gate, slice):      # one run of rows (a decoding step at batch 1): a view, no gather or scatter
-            flat[gate].add_(self.lora(x.reshape(-1, x.shape[-1])[gate]).to(y.dtype))
-            return y
-        return flat.index_add_(0, gate, self.lora(x.reshape(-1, x.shape[-1])[gate]).to(y.dtype)).view_as(y)
+            xa = y.view(-1, y.shape[-1])[:, self.out_features:]
+            delta = lambda r: linear(xa[r], B, rows=limit)
+        else:
+            y = linear(x, self.weight, self.bias, self.rows)
+            delta = lambda r: self.lora(x.reshape(-1, x.shape[-1])[r], limit).to(y.dtype)
+        # in place: y is this call's own, and linear's backward never reads it
+        flat = y.view(-1, y.shape[-1])[:, :self.out_features]
+        if isinstance(gate, torch.Tensor):
+            flat.index_add_(0, gate, delta(gate))
+        else:   # every row, or one run of rows (a decoding step at batch 1): a view, no gather or scatter
+            gate = slice(None) if gate is None else gate
+            flat[gate].add_(delta(gate))
+        return y[..., :self.out_features]
 
 
 class Attention(nn.Module):
