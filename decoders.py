@@ -169,6 +169,15 @@ def extend_by_threshold(toks, probs, threshold, eos):
     return toks
 
 
+def draft_slots(c, info):
+    """The MASK slots a group holds: the first c.draft_slots of the block's block_size - 1 (all for
+    0). A slot sees only the slots before it in its group, so the first N draft as in a full group."""
+    k = info["block_size"] - 1
+    if not 0 <= c.draft_slots <= k:
+        raise UserError(f"draft_slots={c.draft_slots}: expected 0 (all) to {k} (the checkpoint's block_size - 1)")
+    return c.draft_slots or k
+
+
 @torch.inference_mode()
 def decode_blockwise(model, prompts, c, info, generator=None, cache=None, stats=None, vocab=None):
     """Batched next-block decoding with a KV cache. A step feeds each row its verified tokens
@@ -182,7 +191,7 @@ def decode_blockwise(model, prompts, c, info, generator=None, cache=None, stats=
         raise UserError("--verify reproduces greedy decoding: use --temperature=0")
     if vocab is not None and not c.verify:
         raise UserError("a draft vocabulary needs --verify=True (the threshold reads probabilities over every token)")
-    k, n, dev = info["block_size"] - 1, len(prompts), model.lm_head.weight.device
+    k, n, dev = draft_slots(c, info), len(prompts), model.lm_head.weight.device
     vocab = (model.lm_head.weight[vocab.to(dev)], vocab.to(dev)) if vocab is not None else None
     eos = set(info["eos_ids"])
     cache = cache or KVCache(model.config, n, max(map(len, prompts)) + c.max_new_tokens + (k + 1) ** 2 + 1,
@@ -191,8 +200,9 @@ def decode_blockwise(model, prompts, c, info, generator=None, cache=None, stats=
     out, forwards, done = [[] for _ in range(n)], [0] * n, [False] * n
     while not all(done):
         lens, live = cache.length.tolist(), [b for b in range(n) if not done[b]]
-        rows = [block_chunk(verified[b], drafts[b], lens[b], k, c.draft_tree) if not done[b] else ([], [], [], [])
-                for b in range(n)]
+        # a finished row feeds its last chunk again, read by nobody and never committed: rows keep one
+        # layout (with a tree: each row's slots in the same columns, a strided view in each projection)
+        rows = [block_chunk(verified[b], drafts[b], lens[b], k, c.draft_tree) for b in range(n)]
         hidden = blockwise_forward(model, cache, rows, info["mask_id"])
         at = {b: (len(verified[b]), len(drafts[b])) for b in live}   # clean predictions: hidden[b, v-1:v+m]
         clean = clean_logits(model.head(torch.cat([hidden[b, v - 1:v + m] for b, (v, m) in at.items()])), info)

@@ -50,6 +50,8 @@ verify = False             # blockwise/refine/block diffusion (causal_clean): ac
                            # the model's own AR greedy agrees
 draft_tree = True          # blockwise --verify: a slot group per possible acceptance length, not only for
                            # "all drafts accepted" (more tokens per forward, longer forwards)
+draft_slots = 0            # blockwise: use the first N MASK slots of each group (0: all, block_size - 1); fewer
+                           # rows a forward (batch 8 on the bf16 invariant backend: calls of <= 32 rows)
 draft_vocab = 0            # blockwise --verify: draft only among the N tokens most frequent in the responses
                            # of draft_vocab_from (FR-Spec): a head N rows tall per slot; 0 = every token
 draft_vocab_from = ""      # a prepare.py data dir, the drafter's training data
@@ -76,6 +78,7 @@ class Decoding:
     threshold: float = threshold
     verify: bool = verify
     draft_tree: bool = draft_tree
+    draft_slots: int = draft_slots
     add_eos_length: int = add_eos_length
     refine_iter: int = refine_iter
     steps: int = steps

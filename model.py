@@ -180,12 +180,21 @@ def apply_rope(x, cos, sin_signed):
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
+def gated_rows(gate):
+    """The gated rows of a (N, d) tensor as a view: every row (gate None), one run of rows (a
+    slice) or the same run of positions in each of n rows of t (a (n, t, slice) tuple)."""
+    if gate is None or isinstance(gate, slice):
+        return lambda z: z[slice(None) if gate is None else gate]
+    n, t, run = gate
+    return lambda z: z.view(n, t, z.shape[-1])[:, run]
+
+
 class Projection(nn.Linear):
     """A linear layer that may carry a LoRA (`lora`: None until Transformer.add_lora gives it one).
-    Gated LoRA: gate holds the flat indices of the (B*T) rows that get the delta (or their slice,
-    where they are one run), computed there only; every other row is the frozen layer's output,
-    bit for bit (and with no gated row the adapters cost nothing). Decoding (inference mode) runs
-    the adapters folded into the layer's own matmul (LoRA.folded), in eval mode."""
+    Gated LoRA: gate holds the flat indices of the (B*T) rows that get the delta (or, where they
+    are regular, a view's description: gated_rows), computed there only; every other row is the
+    frozen layer's output, bit for bit (and with no gated row the adapters cost nothing). Decoding
+    (inference mode) runs the adapters folded into the layer's own matmul (LoRA.folded), in eval mode."""
 
     rows = 0   # the invariant backend's calls of at most this many rows (model.set_backend)
 
@@ -208,17 +217,18 @@ class Projection(nn.Linear):
             W, b, B = folded
             y = linear(x, W, b, self.rows)
             xa = y.view(-1, y.shape[-1])[:, self.out_features:]
-            delta = lambda r: linear(xa[r], B, rows=limit)
+            delta = lambda pick: linear(pick(xa), B, rows=limit)
         else:
             y = linear(x, self.weight, self.bias, self.rows)
-            delta = lambda r: self.lora(x.reshape(-1, x.shape[-1])[r], limit).to(y.dtype)
+            delta = lambda pick: self.lora(pick(x.reshape(-1, x.shape[-1])), limit).to(y.dtype)
         # in place: y is this call's own, and linear's backward never reads it
         flat = y.view(-1, y.shape[-1])[:, :self.out_features]
-        if isinstance(gate, torch.Tensor):
-            flat.index_add_(0, gate, delta(gate))
-        else:   # every row, or one run of rows (a decoding step at batch 1): a view, no gather or scatter
-            gate = slice(None) if gate is None else gate
-            flat[gate].add_(delta(gate))
+        if isinstance(gate, torch.Tensor):   # into y's whole rows (contiguous): index_add_ on the strided
+            y2 = y.view(-1, y.shape[-1])     # flat would copy all of it, and back, per call
+            y2.index_add_(0, gate, F.pad(delta(lambda z: z[gate]), (0, y2.shape[1] - self.out_features)))
+        else:   # every row, one run of rows or the same run in every batch row: a view, no gather or scatter
+            pick = gated_rows(gate)
+            pick(flat).add_(delta(lambda z: pick(z).reshape(-1, z.shape[-1])).view_as(pick(flat)))
         return y[..., :self.out_features]
 
 
@@ -431,8 +441,13 @@ class Transformer(nn.Module):
             if len(rows) or self.training:   # training: the row stays in the graph (a zero gradient
                 x = torch.where(is_mask, self.mask_embed.to(x.dtype), x)   # without MASK), as DDP needs
             gate = rows if self.lora_config["gated"] else None   # gated LoRA: the MASK rows only
-            if gate is not None and not self.training and len(gate) and int(gate[-1]) - int(gate[0]) + 1 == len(gate):
-                gate = slice(int(gate[0]), int(gate[-1]) + 1)   # one run of rows: a view in each projection
+            if gate is not None and not self.training and len(gate):   # decoding: a view in each projection
+                m = is_mask.view(B, T)
+                first, run = m[0].nonzero()[:, 0], lambda r: int(r[-1]) - int(r[0]) + 1 == len(r)
+                if run(gate):   # one run of rows (batch 1)
+                    gate = slice(int(gate[0]), int(gate[-1]) + 1)
+                elif len(first) and run(first) and bool((m == m[:1]).all()):   # the same run in every row
+                    gate = (B, T, slice(int(first[0]), int(first[-1]) + 1))
         rope = rope_tables(self.inv_freq, pos, x.dtype)
         for layer, lc in zip(self.layers, layer_caches):
             if self.gradient_checkpointing and self.training:

@@ -47,7 +47,7 @@ def reference_blockwise(model, prompt, c, info):
     The first token is the clean stream's own prediction; threshold mode then takes slot tokens
     while their probability is >= threshold (stopping after EOS); verify accepts the longest draft
     prefix greedy agrees with plus greedy's next token. Returns (tokens to the first EOS, forwards)."""
-    k, eos, dev, mask_id = info["block_size"] - 1, set(info["eos_ids"]), model.lm_head.weight.device, info["mask_id"]
+    k, eos, dev, mask_id = c.draft_slots or info["block_size"] - 1, set(info["eos_ids"]), model.lm_head.weight.device, info["mask_id"]
     out, drafts, forwards = [], [], 0
     while True:
         seq = list(prompt) + out

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 import prepare
 import objectives
 import batching
+import model
 import train
-from configurator import configure, defaults_from
+from configurator import UserError, configure, defaults_from
 from decoders import decode_ar, decode_blockwise, draft_vocabulary
 from generate import Decoding, load
 from hf import from_pretrained
@@ -126,11 +127,14 @@ def test_sampler_head_verify_is_still_the_base_models_ar_greedy(gated):
                       "--sampler_head=True", "--max_iters=20", "--save_interval=20").eval()
     assert model.sampler_head.fc2.weight.abs().max() > 0   # trained
     want = decode_ar(base, prompts[:6], cfg(), info)
-    for tree in (True, False):
-        got = decode_blockwise(model, prompts[:6], cfg(draft_tree=tree), info)
+    for kw in ({"draft_tree": True}, {"draft_tree": False}, {"draft_slots": 1}, {"draft_slots": 2, "draft_tree": False}):
+        got = decode_blockwise(model, prompts[:6], cfg(**kw), info)
         assert [r[0] for r in got] == [r[0] for r in want]
-        assert decode_blockwise(model, prompts[1:2], cfg(draft_tree=tree), info)[0] == got[1] == \
-            reference_blockwise(model, prompts[1], cfg(draft_tree=tree), info)
+        assert decode_blockwise(model, prompts[1:2], cfg(**kw), info)[0] == got[1] == \
+            reference_blockwise(model, prompts[1], cfg(**kw), info)
+        assert sum(r[1] for r in got) < sum(r[1] for r in want)   # drafts were accepted
+    with pytest.raises(UserError, match="draft_slots=4: expected 0 .all. to 3"):
+        decode_blockwise(model, prompts[:1], cfg(draft_slots=4), info)
     # threshold decoding drafts through the sampler chain too: cached = the independent oracle
     for p, got in zip(prompts[:3], decode_blockwise(model, prompts[:3], cfg(verify=False, threshold=0.5), info)):
         assert got == reference_blockwise(model, p, cfg(verify=False, threshold=0.5), info)
@@ -297,11 +301,37 @@ def test_gated_split_forward_equals_one_forward(tmp_path, sampler):
     assert any(a.abs().max() > 0 for a in g1)
 
 
+def test_gated_rows_are_a_view_where_every_batch_row_has_its_slots_in_the_same_columns(monkeypatch):
+    """A decoding forward whose batch rows hold MASK in the same run of columns runs the adapters
+    on a strided view of those rows (no gather or scatter); each row is what it is alone (one run)."""
+    m = from_pretrained(STORIES)
+    mask_id = m.config.vocab_size - 1
+    m.add_lora(4, 8.0, mask_id=mask_id, gated=True).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    idx = torch.randint(0, mask_id, (3, 9))
+    idx[:, 5:8] = mask_id
+    seen, rows = [], model.gated_rows
+    monkeypatch.setattr(model, "gated_rows", lambda gate: seen.append(gate) or rows(gate))
+    with torch.inference_mode():
+        batch = m(idx)
+        alone = torch.cat([m(idx[b:b + 1]) for b in range(3)])
+        m(torch.cat([idx[:2], idx[2:].roll(1, -1)]))   # the last row's slots elsewhere: indices
+    assert seen.count((3, 9, slice(5, 8))) == 4 * m.config.n_layer and seen.count(slice(5, 8)) == 3 * 4 * m.config.n_layer
+    torch.testing.assert_close(batch, alone)
+    with torch.no_grad():
+        frozen = from_pretrained(STORIES).eval()(idx)
+    assert torch.equal(batch[:, :5], frozen[:, :5]) and not torch.allclose(batch[:, 5:8], frozen[:, 5:8])
+
+
 def test_fused_adapters_are_each_projections_own_and_follow_updates():
     """A LoRA runs its slices as one stacked A and a block-diagonal B; that is each HF projection's
     own B A x (zero for a slice without an adapter). Decoding (inference mode) folds A into the
     layer's matmul: every row it does not gate keeps the frozen layer's bits, the gated rows (a
-    slice or indices) and an ungated LoRA get the delta, the layer's weight is a view of the
+    slice, the same slice of every batch row, or indices) and an ungated LoRA get the delta, the layer's weight is a view of the
     folded matrix (no second copy), and the fold follows every in-place update of an adapter."""
     m = from_pretrained(STORIES).add_lora(4, 8.0, targets="q,v,up").eval()
     layer = m.layers[0].self_attn.qkv_proj
@@ -320,12 +350,15 @@ def test_fused_adapters_are_each_projections_own_and_follow_updates():
     assert [n for n, _ in lora.slices] == ["q", "k", "v"] and "k" not in lora.lora_A
     torch.testing.assert_close(lora(x), by_hand())
     frozen = F.linear(x, W0, layer.bias)
-    for gate in (None, slice(4, 9), torch.tensor([1, 6, 7, 14]), torch.tensor([], dtype=torch.long)):
+    for gate in (None, slice(4, 9), (3, 5, slice(2, 4)), torch.tensor([1, 6, 7, 14]), torch.tensor([], dtype=torch.long)):
         with torch.inference_mode():
             y = layer(x, gate)
         before = y if gate is None else before
         rows = torch.zeros(15, dtype=torch.bool)
-        rows[gate if gate is not None else slice(None)] = True
+        if isinstance(gate, tuple):   # the same run of positions in each of the 3 rows
+            rows.view(3, 5)[:, gate[2]] = True
+        else:
+            rows[gate if gate is not None else slice(None)] = True
         assert torch.equal(y.reshape(15, -1)[~rows], frozen.reshape(15, -1)[~rows])
         torch.testing.assert_close(y.reshape(15, -1)[rows], (frozen + by_hand()).reshape(15, -1)[rows])
     assert set(lora.fold["ok"]) == {15}   # the one call size probed (on this CPU the fold keeps the bits: True)
