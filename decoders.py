@@ -200,9 +200,10 @@ def decode_blockwise(model, prompts, c, info, generator=None, cache=None, stats=
     out, forwards, done = [[] for _ in range(n)], [0] * n, [False] * n
     while not all(done):
         lens, live = cache.length.tolist(), [b for b in range(n) if not done[b]]
-        # a finished row feeds its last chunk again, read by nobody and never committed: rows keep one
-        # layout (with a tree: each row's slots in the same columns, a strided view in each projection)
-        rows = [block_chunk(verified[b], drafts[b], lens[b], k, c.draft_tree) for b in range(n)]
+        # with the tree a finished row goes on feeding the chunk it would feed next, read by nobody and
+        # never committed: every row keeps its slots in the same columns (a strided view in each projection)
+        rows = [block_chunk(verified[b], drafts[b], lens[b], k, c.draft_tree)
+                if not done[b] or (c.verify and c.draft_tree) else ([], [], [], []) for b in range(n)]
         hidden = blockwise_forward(model, cache, rows, info["mask_id"])
         at = {b: (len(verified[b]), len(drafts[b])) for b in live}   # clean predictions: hidden[b, v-1:v+m]
         clean = clean_logits(model.head(torch.cat([hidden[b, v - 1:v + m] for b, (v, m) in at.items()])), info)

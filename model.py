@@ -225,7 +225,8 @@ class Projection(nn.Linear):
         flat = y.view(-1, y.shape[-1])[:, :self.out_features]
         if isinstance(gate, torch.Tensor):   # into y's whole rows (contiguous): index_add_ on the strided
             y2 = y.view(-1, y.shape[-1])     # flat would copy all of it, and back, per call
-            y2.index_add_(0, gate, F.pad(delta(lambda z: z[gate]), (0, y2.shape[1] - self.out_features)))
+            d = delta(lambda z: z[gate])
+            y2.index_add_(0, gate, F.pad(d, (0, y2.shape[1] - self.out_features)) if folded is not None else d)
         else:   # every row, one run of rows or the same run in every batch row: a view, no gather or scatter
             pick = gated_rows(gate)
             pick(flat).add_(delta(lambda z: pick(z).reshape(-1, z.shape[-1])).view_as(pick(flat)))

@@ -136,8 +136,10 @@ def test_sampler_head_verify_is_still_the_base_models_ar_greedy(gated):
     with pytest.raises(UserError, match="draft_slots=4: expected 0 .all. to 3"):
         decode_blockwise(model, prompts[:1], cfg(draft_slots=4), info)
     # threshold decoding drafts through the sampler chain too: cached = the independent oracle
-    for p, got in zip(prompts[:3], decode_blockwise(model, prompts[:3], cfg(verify=False, threshold=0.5), info)):
-        assert got == reference_blockwise(model, p, cfg(verify=False, threshold=0.5), info)
+    for kw in ({}, {"draft_slots": 2}):
+        t = cfg(verify=False, threshold=0.5, **kw)
+        for p, got in zip(prompts[:3], decode_blockwise(model, prompts[:3], t, info)):
+            assert got == reference_blockwise(model, p, t, info)
     loaded, _, _ = load(f"{d}/sampler")
     assert loaded.sampler_head is not None
     # a draft vocabulary (FR-Spec): the most frequent response tokens; the whole vocabulary drafts
