@@ -222,13 +222,12 @@ class Projection(nn.Linear):
             y = linear(x, self.weight, self.bias, self.rows)
             delta = lambda pick: self.lora(pick(x.reshape(-1, x.shape[-1])), limit).to(y.dtype)
         # in place: y is this call's own, and linear's backward never reads it
-        flat = y.view(-1, y.shape[-1])[:, :self.out_features]
-        if isinstance(gate, torch.Tensor):   # into y's whole rows (contiguous): index_add_ on the strided
-            y2 = y.view(-1, y.shape[-1])     # flat would copy all of it, and back, per call
-            d = delta(lambda z: z[gate])
+        y2 = y.view(-1, y.shape[-1])
+        if isinstance(gate, torch.Tensor):   # into y's whole rows: index_add_ on the strided [:, :out]
+            d = delta(lambda z: z[gate])     # would copy all of y, and back, on every call
             y2.index_add_(0, gate, F.pad(d, (0, y2.shape[1] - self.out_features)) if folded is not None else d)
         else:   # every row, one run of rows or the same run in every batch row: a view, no gather or scatter
-            pick = gated_rows(gate)
+            pick, flat = gated_rows(gate), y2[:, :self.out_features]
             pick(flat).add_(delta(lambda z: pick(z).reshape(-1, z.shape[-1])).view_as(pick(flat)))
         return y[..., :self.out_features]
 
