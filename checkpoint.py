@@ -19,7 +19,7 @@ from configurator import UserError
 from hf import from_pretrained, gguf_folder, hf_config, read_hf_config, save_peft_adapter, save_pretrained
 from lora import is_adapter_key
 from model import Transformer, empty, rope_inv_freq
-from prepare import Tokenizer
+from tokenizer import Tokenizer
 
 
 def load_checkpoint_state(ckpt, sd, keys="model", distributed=False):

@@ -13,7 +13,8 @@ import torch
 
 from batching import Shards
 from configurator import UserError
-from model import KVCache, bidirectional_mask, block_causal_mask, interleaved_mask
+from masks import bidirectional_mask, block_causal_mask, interleaved_mask
+from model import KVCache
 
 
 # ----------------------------------------------------------------------------- sampling helpers

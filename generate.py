@@ -19,7 +19,8 @@ import torch
 from configurator import UserError, configure, cli, defaults_from, print_config
 from checkpoint import find_checkpoint, load_checkpoint, load_info, load_lora_checkpoint
 from decoders import DECODERS, DECODES, cut_at_eos, draft_vocabulary
-from prepare import Tokenizer, read_rows, row_texts
+from prepare import read_rows, row_texts
+from tokenizer import Tokenizer
 
 init_from = "out/toy"      # a training out_dir, one checkpoint folder, a Hugging Face model folder or a .gguf file
 method = "ar"              # ar | blockwise | refine | diffusion

@@ -13,7 +13,8 @@ import math
 import numpy as np
 import torch
 
-from model import KVCache, bidirectional_mask, block_diffusion_mask, causal_mask, interleaved_mask
+from masks import bidirectional_mask, block_diffusion_mask, causal_mask, interleaved_mask
+from model import KVCache
 
 
 def sft_length(plen, length, c):

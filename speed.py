@@ -16,6 +16,7 @@ import generate
 import prepare
 from configurator import configure, defaults_from
 from model import KVCache
+from tokenizer import Tokenizer
 
 
 def sync(dev):
@@ -82,7 +83,7 @@ def prepare_speed(path, tmp, limit=None):
         path = os.path.join(tmp, "gsm8k_head.jsonl")
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    tok = prepare.Tokenizer("gpt2")
+    tok = Tokenizer("gpt2")
     texts = [t for r in rows for t in prepare.row_texts(tok, r, "question", "answer", "")]
     bare, prep = [], []
     for i in range(3):

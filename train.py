@@ -27,7 +27,7 @@ from hf import hf_source, materialize
 from lora import parse_lora_targets
 from model import ModelConfig, Transformer, empty, pad_vocab, pick_backend
 from objectives import MODES, padded_response, sft_length
-from prepare import Tokenizer
+from tokenizer import Tokenizer
 
 # I/O
 data_dir = "data/toy"         # output of prepare.py

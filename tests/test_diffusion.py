@@ -15,7 +15,8 @@ from configurator import configure, defaults_from
 from decoders import choose, decode_blocks, decode_blocks_verified, decode_diffusion
 from generate import Decoding
 from hf import from_pretrained
-from model import ModelConfig, Transformer, bidirectional_mask, block_causal_mask, block_diffusion_mask, dense_mask
+from masks import bidirectional_mask, block_causal_mask, block_diffusion_mask, dense_mask
+from model import ModelConfig, Transformer
 
 EOS, MASK = 256, 257
 

@@ -7,6 +7,7 @@ import torch
 from conftest import EAGER_FLEX
 
 import prepare
+from tokenizer import Tokenizer
 import objectives
 import batching
 import train
@@ -14,7 +15,8 @@ from configurator import configure, defaults_from
 from decoders import decode_ar, decode_blockwise
 from generate import Decoding
 from reference import reference_blockwise
-from model import KVCache, ModelConfig, Transformer, dense_mask, interleaved_mask
+from masks import dense_mask, interleaved_mask
+from model import KVCache, ModelConfig, Transformer
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 MASK, EOS = 257, 256
@@ -109,7 +111,7 @@ def trained(tmp_path_factory):
     model = train.train(c).eval()
     info = {"block_size": 4, "eos_ids": [EOS], "mask_id": MASK, "vocab_size": 258}
     rows = [r for _, r in prepare.toy_task(24, 99)]
-    tok = prepare.Tokenizer("byte")
+    tok = Tokenizer("byte")
     prompts = [tok.encode(tok.render([{"role": "user", "content": r["prompt"]}]), prompt=True) for r in rows]
     return model, info, prompts
 

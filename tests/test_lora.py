@@ -12,6 +12,7 @@ from conftest import STORIES, assert_clean_error, checkpoint_tensors, run_main
 from safetensors.torch import load_file
 
 import prepare
+from tokenizer import Tokenizer
 import objectives
 import batching
 import model
@@ -20,7 +21,7 @@ from configurator import UserError, configure, defaults_from
 from decoders import decode_ar, decode_blockwise, draft_vocabulary
 from generate import Decoding, load
 from hf import from_pretrained
-from model import interleaved_mask
+from masks import interleaved_mask
 from reference import reference_blockwise
 
 TINY = ["--eval_interval=0", "--log_interval=1000", "--warmup_iters=2"]
@@ -82,7 +83,7 @@ def gated(tmp_path_factory):
     base, _, _ = load(f"{d}/sft")
     info = {"block_size": 4, "eos_ids": [256], "mask_id": 257, "vocab_size": 258}
     rows = [r for _, r in prepare.toy_task(12, 7)]
-    tok = prepare.Tokenizer("byte")
+    tok = Tokenizer("byte")
     prompts = [tok.encode(tok.render([{"role": "user", "content": r["prompt"]}]), prompt=True) for r in rows]
     prompts[3] = prompts[3][:len(prompts[3]) // 2]   # ragged, and a row that ends at another step
     return model, base, info, prompts, d

@@ -10,7 +10,8 @@ from decoders import decode_ar
 from generate import Decoding
 from reference import reference_ar
 from hf import from_pretrained, save_pretrained
-from model import KVCache, ModelConfig, Transformer, bidirectional_mask, causal_mask, dense_mask
+from masks import bidirectional_mask, causal_mask, dense_mask
+from model import KVCache, ModelConfig, Transformer
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from types import SimpleNamespace
 
@@ -216,7 +217,7 @@ def test_compiled_flex_on_cuda_matches_dense_bf16():
     import numpy as np
     import objectives
     import batching
-    from model import interleaved_mask
+    from masks import interleaved_mask
     torch.manual_seed(0)
     m = Transformer(ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)).cuda()
     m.init_weights(0)

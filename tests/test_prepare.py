@@ -9,6 +9,7 @@ import pytest
 from conftest import assert_clean_error, run_main, run_script, shared_data
 
 import prepare
+from tokenizer import Tokenizer
 from configurator import configure, defaults_from
 
 
@@ -36,7 +37,7 @@ def test_gsm8k_train_round_trip(tmp_path):
                                response_key="answer", max_length=1024, val_fraction=0.0))
     assert meta["splits"]["train"]["rows"] == 7473 and meta["splits"]["train"]["dropped"] == {}
     _, toks, idx = load_split(out, "train")
-    tok = prepare.Tokenizer("gpt2")
+    tok = Tokenizer("gpt2")
     rows = [json.loads(l) for l in open(src)]
     for (start, plen, length), row in zip(idx, rows):
         ids = toks[start:start + length]
@@ -70,7 +71,7 @@ def test_chat_template_and_think_prefix(tmp_path, think):
     prepare.prepare(cfg(input=src, out_dir=tmp_path / "out", tokenizer=tokdir, val_fraction=0.0,
                         system_prompt="be brief"))
     _, toks, idx = load_split(tmp_path / "out", "train")
-    tok = prepare.Tokenizer(tokdir)
+    tok = Tokenizer(tokdir)
     start, plen, length = idx[0]
     prompt, response = tok.decode(toks[start:start + plen]), tok.decode(toks[start + plen:start + length])
     want_prompt = "<|system|>be brief\n<|user|>hello\n<|assistant|>\n" + ("<think>\n" if think else "")
@@ -204,7 +205,7 @@ def check_round_trip(init_from, recs, data_dir):
     import batching
     from checkpoint import find_checkpoint, load_info
     info = load_info(find_checkpoint(init_from))
-    tok = prepare.Tokenizer(info["tokenizer_path"])
+    tok = Tokenizer(info["tokenizer_path"])
     shards = batching.Shards(data_dir, "train")
     assert len(shards) == len(recs)
     for i, rec in enumerate(recs):

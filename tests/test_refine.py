@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import prepare
+from tokenizer import Tokenizer
 import objectives
 import batching
 import train
@@ -15,7 +16,8 @@ from configurator import configure, defaults_from
 from decoders import decode_ar, decode_refine
 from generate import Decoding
 from reference import reference_refine
-from model import ModelConfig, Transformer, causal_mask
+from masks import causal_mask
+from model import ModelConfig, Transformer
 
 EOS = 256
 
@@ -101,7 +103,7 @@ def trained(tmp_path_factory):
         "--n_head=4", "--n_kv_head=2", "--batch_size=8", "--max_iters=80", "--learning_rate=3e-3",
         "--warmup_iters=10", "--eval_interval=0", "--log_interval=1000", "--save_interval=1000"])
     m = train.train(c).eval()
-    tok = prepare.Tokenizer("byte")
+    tok = Tokenizer("byte")
     prompts = [tok.encode(tok.render([{"role": "user", "content": r["prompt"]}]), prompt=True)
                for _, r in prepare.toy_task(10, 5)]
     return m, {"eos_ids": [EOS], "eos_id": EOS, "mask_id": 257, "vocab_size": 258}, prompts

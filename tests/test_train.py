@@ -9,13 +9,15 @@ import torch
 from conftest import ROOT, assert_clean_error, checkpoint_tensors, run_main, run_script, run_train_script
 
 import prepare
+from tokenizer import Tokenizer
 import objectives
 import batching
 import train
 from configurator import configure, defaults_from
 from checkpoint import load_checkpoint
 from hf import from_pretrained
-from model import ModelConfig, Transformer, causal_mask
+from masks import causal_mask
+from model import ModelConfig, Transformer
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--max_length=128", "--batch_size=4",
         "--learning_rate=3e-3", "--warmup_iters=2", "--eval_interval=0", "--log_interval=1"]
@@ -238,7 +240,7 @@ def test_export_hf_writes_a_tokenizer_transformers_loads(tmp_path, spec):
     prepare.prepare(configure(defaults_from(vars(prepare)), [f"--out_dir={d}", "--toy_rows=60", f"--tokenizer={spec}"]))
     run_train(str(d), tmp_path / "o", "--max_iters=1", "--export_hf=True", "--batch_size=2")
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "o" / "hf")
-    ours = prepare.Tokenizer(spec)
+    ours = Tokenizer(spec)
     for text in ["Compute 3+4-2.", "héllo  wörld\n\n\tend 日本 <think>\n", "  it's 've"]:
         assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
     assert (hf.eos_token_id, hf.mask_token_id) == (ours.eos_id, ours.mask_id)
