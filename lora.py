@@ -61,9 +61,10 @@ class LoRA(nn.Module):
         """Decoding's form of the adapter on `layer` (its Projection) for a call of n rows:
         W' = [W; A] (bias zero-padded) and scale B, in the layer's dtype, so that one matmul gives
         the frozen output and x Aᵀ together. The layer's weight becomes a view of W' (no second copy
-        of it). Cached while the weights are unchanged. None (the unfolded path) where this machine's
-        matmul gives the frozen rows other bits once A's rows are appended: checked on probe rows,
-        once for each size of call the layer makes (`linear` splits n into calls of layer.rows).
+        of it). Cached while the weights are unchanged. Returns (W', b', scale B) and whether the
+        one matmul keeps the frozen rows' bits for a call of n rows on this machine: checked on probe
+        rows, once for each size of call the layer makes (`linear` splits n into calls of
+        layer.rows). Where it does not, the caller runs W and A = W'[out:] as two matmuls.
         On SmolLM2 in bf16 at batch 1 (random rank-32 adapters, two alternating rounds on the CPU) a
         gated step took 69-74 ms folded against 73-79 ms with x Aᵀ as its own matmul in fp32."""
         W, b, f = layer.weight, layer.bias, self.fold
@@ -82,7 +83,7 @@ class LoRA(nn.Module):
                 x = torch.randn(m, W.shape[1], generator=torch.Generator().manual_seed(m)).to(W)
                 f["probed"][m] = torch.equal(F.linear(x, *f["form"][:2])[:, :len(W)], F.linear(x, W, b))
             f["ok"][n] = all(f["probed"][m] for m in sizes)
-        return f["form"] if f["ok"][n] else None
+        return f["form"], f["ok"][n]
 
     def forward(self, x, rows=0):
         """rows: the invariant backend's row limit."""

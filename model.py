@@ -134,25 +134,29 @@ class Projection(nn.Linear):
         if self.lora is None or (isinstance(gate, torch.Tensor) and len(gate) == 0):
             return linear(x, self.weight, self.bias, self.rows)
         decoding = torch.is_inference_mode_enabled() and not self.training
-        folded = self.lora.folded(self, x.numel() // x.shape[-1]) if decoding else None
         limit = self.rows if gate is None else 0   # every row's delta keeps the invariant row limit; slots need not
-        if folded is not None:   # one matmul gives [frozen output | x Aᵀ]; delta = (x Aᵀ)(scale B)ᵀ
-            W, b, B = folded
-            y = linear(x, W, b, self.rows)
-            xa = y.view(-1, y.shape[-1])[:, self.out_features:]
-            delta = lambda pick: linear(pick(xa), B, rows=limit)
+        x2, out = x.reshape(-1, x.shape[-1]), self.out_features
+        if decoding:   # [W; A] and scale B (LoRA.folded); delta = (x Aᵀ)(scale B)ᵀ
+            (W, b, B), one = self.lora.folded(self, len(x2))
+            if one:   # one matmul gives [frozen output | x Aᵀ]
+                y = linear(x, W, b, self.rows)
+                xa = y.view(-1, y.shape[-1])[:, out:]
+                delta = lambda pick: linear(pick(xa), B, rows=limit)
+            else:     # appending A would change the frozen rows' bits at this size: A apart
+                y = linear(x, self.weight, self.bias, self.rows)
+                delta = lambda pick: linear(linear(pick(x2), W[out:], rows=limit), B, rows=limit)
         else:
             y = linear(x, self.weight, self.bias, self.rows)
-            delta = lambda pick: self.lora(pick(x.reshape(-1, x.shape[-1])), limit).to(y.dtype)
+            delta = lambda pick: self.lora(pick(x2), limit).to(y.dtype)
         # in place: y is this call's own, and linear's backward never reads it
         y2 = y.view(-1, y.shape[-1])
         if isinstance(gate, torch.Tensor):   # into y's whole rows: index_add_ on the strided [:, :out]
             d = delta(lambda z: z[gate])     # would copy all of y, and back, on every call
-            y2.index_add_(0, gate, F.pad(d, (0, y2.shape[1] - self.out_features)) if folded is not None else d)
+            y2.index_add_(0, gate, F.pad(d, (0, y2.shape[1] - out)) if y2.shape[1] > out else d)
         else:   # every row, one run of rows or the same run in every batch row: a view, no gather or scatter
-            pick, flat = gated_rows(gate), y2[:, :self.out_features]
+            pick, flat = gated_rows(gate), y2[:, :out]
             pick(flat).add_(delta(lambda z: pick(z).reshape(-1, z.shape[-1])).view_as(pick(flat)))
-        return y[..., :self.out_features]
+        return y[..., :out]
 
 
 class Attention(nn.Module):

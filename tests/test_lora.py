@@ -353,18 +353,22 @@ def test_fused_adapters_are_each_projections_own_and_follow_updates():
     assert [n for n, _ in lora.slices] == ["q", "k", "v"] and "k" not in lora.lora_A
     torch.testing.assert_close(lora(x), by_hand())
     frozen = F.linear(x, W0, layer.bias)
-    for gate in (None, slice(4, 9), (3, 5, slice(2, 4)), torch.tensor([1, 6, 7, 14]), torch.tensor([], dtype=torch.long)):
-        with torch.inference_mode():
-            y = layer(x, gate)
-        before = y if gate is None else before
-        rows = torch.zeros(15, dtype=torch.bool)
-        if isinstance(gate, tuple):   # the same run of positions in each of the 3 rows
-            rows.view(3, 5)[:, gate[2]] = True
-        else:
-            rows[gate if gate is not None else slice(None)] = True
-        assert torch.equal(y.reshape(15, -1)[~rows], frozen.reshape(15, -1)[~rows])
-        torch.testing.assert_close(y.reshape(15, -1)[rows], (frozen + by_hand()).reshape(15, -1)[rows])
-    assert set(lora.fold["ok"]) == {15}   # the one call size probed (on this CPU the fold keeps the bits: True)
+    gates = (None, slice(4, 9), (3, 5, slice(2, 4)), torch.tensor([1, 6, 7, 14]), torch.tensor([], dtype=torch.long))
+    for one in (True, False):   # False: a call size where appending A would change the frozen rows' bits
+        for gate in gates:
+            if not one:   # the fold, built on the first pass, says so for this call size
+                lora.fold["ok"][15] = False
+            with torch.inference_mode():
+                y = layer(x, gate)
+            before = y if gate is None else before
+            rows = torch.zeros(15, dtype=torch.bool)
+            if isinstance(gate, tuple):   # the same run of positions in each of the 3 rows
+                rows.view(3, 5)[:, gate[2]] = True
+            else:
+                rows[gate if gate is not None else slice(None)] = True
+            assert y.shape == frozen.shape and torch.equal(y.reshape(15, -1)[~rows], frozen.reshape(15, -1)[~rows])
+            torch.testing.assert_close(y.reshape(15, -1)[rows], (frozen + by_hand()).reshape(15, -1)[rows])
+    assert set(lora.fold["ok"]) == {15}   # the one call size probed (then set False by hand)
     assert layer.weight.data_ptr() == lora.fold["form"][0].data_ptr()
     assert torch.equal(layer.weight, W0) and torch.equal(m.state_dict()["layers.0.self_attn.qkv_proj.weight"], W0)
     for p in (lora.lora_B["v"], lora.lora_A["q"]):
