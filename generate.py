@@ -106,7 +106,7 @@ def torch_dtype(name):
 
 def cpu_bf16_units():
     """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles or AVX512-BF16). Without them
-    (an AVX2 Zen 3, measured) a bf16 forward of k rows costs about k one-row forwards."""
+    (an AVX2 Zen 3, measured) a bf16 forward feeding k tokens costs about k/2 one-token forwards."""
     has = lambda name: getattr(torch.cpu, name, lambda: False)()
     return has("_is_amx_tile_supported") or has("_is_avx512_bf16_supported")
 
@@ -122,9 +122,9 @@ def load(init_from, device="cpu", dtype=torch.float32, batch_invariant=True):
         model = load_checkpoint(ckpt, device=device, dtype=dtype)
     model = model.eval().set_backend("sdpa")
     if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not cpu_bf16_units():
-        print("note: this CPU has no bf16 matrix units (AMX or AVX512-BF16): a bf16 forward costs about a row's time for "
-              "each row it feeds (bench.py --forward_cost), so drafting decoders lose to AR in bf16 here; use float32",
-              file=sys.stderr)
+        print("note: this CPU has no bf16 matrix units (AMX or AVX512-BF16): a bf16 forward feeding k tokens costs about "
+              "k/2 one-token forwards here (bench.py --forward_cost), so decoders that feed several tokens a forward "
+              "lose to AR in bf16; use float32 for them", file=sys.stderr)
     if batch_invariant and dtype == torch.bfloat16 and torch.device(device).type == "cpu":
         try:   # set_backend checks the machine's kernels once
             model.set_backend("invariant")

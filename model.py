@@ -117,7 +117,8 @@ class Projection(nn.Linear):
     Gated LoRA: gate holds the flat indices of the (B*T) rows that get the delta (or, where they
     are regular, a view's description: gated_rows), computed there only; every other row is the
     frozen layer's output, bit for bit (and with no gated row the adapters cost nothing). Decoding
-    (inference mode) runs the adapters folded into the layer's own matmul (LoRA.folded), in eval mode."""
+    (inference mode) runs the adapters folded into the layer's own matmul (LoRA.folded), in eval mode;
+    at a call size where that would change the frozen rows' bits, x Aᵀ is its own matmul."""
 
     rows = 0   # the invariant backend's calls of at most this many rows (model.set_backend)
 

@@ -134,8 +134,9 @@ def test_bf16_falls_back_to_sdpa_where_the_matmul_is_not_invariant(tiny_ckpt, mo
 
 @pytest.mark.parametrize("units", [False, True])
 def test_bf16_on_a_cpu_without_bf16_matrix_units_says_so(tiny_ckpt, monkeypatch, capsys, units):
-    """Without AMX or AVX512-BF16 a bf16 forward costs a row's time per row (measured on an AVX2
-    Zen 3): loading bf16 there says so and names float32; fp32, or a CPU with the units, says nothing."""
+    """Without AMX or AVX512-BF16 a bf16 forward feeding k tokens costs about k/2 one-token forwards
+    (measured on an AVX2 Zen 3): loading bf16 there says so and names float32; fp32, or a CPU with the
+    units, says nothing."""
     import generate
     monkeypatch.setattr(generate, "cpu_bf16_units", lambda: units)
     generate.load(f"{tiny_ckpt}/out", dtype=torch.bfloat16, batch_invariant=False)

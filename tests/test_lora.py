@@ -330,7 +330,7 @@ def test_gated_rows_are_a_view_where_every_batch_row_has_its_slots_in_the_same_c
     assert torch.equal(batch[:, :5], frozen[:, :5]) and not torch.allclose(batch[:, 5:8], frozen[:, 5:8])
 
 
-def test_fused_adapters_are_each_projections_own_and_follow_updates():
+def test_fused_adapters_are_each_projections_own_and_follow_updates(monkeypatch):
     """A LoRA runs its slices as one stacked A and a block-diagonal B; that is each HF projection's
     own B A x (zero for a slice without an adapter). Decoding (inference mode) folds A into the
     layer's matmul: every row it does not gate keeps the frozen layer's bits, the gated rows (a
@@ -354,12 +354,18 @@ def test_fused_adapters_are_each_projections_own_and_follow_updates():
     torch.testing.assert_close(lora(x), by_hand())
     frozen = F.linear(x, W0, layer.bias)
     gates = (None, slice(4, 9), (3, 5, slice(2, 4)), torch.tensor([1, 6, 7, 14]), torch.tensor([], dtype=torch.long))
+    widths, real = [], model.linear   # the rows of each weight the layer multiplies by: which path ran
+    monkeypatch.setattr(model, "linear", lambda x, w, b=None, rows=0: widths.append(len(w)) or real(x, w, b, rows))
     for one in (True, False):   # False: a call size where appending A would change the frozen rows' bits
         for gate in gates:
             if not one:   # the fold, built on the first pass, says so for this call size
                 lora.fold["ok"][15] = False
+            widths.clear()
             with torch.inference_mode():
                 y = layer(x, gate)
+            if not (isinstance(gate, torch.Tensor) and len(gate) == 0):   # [W; A] in one matmul, or W and A apart
+                folded = len(lora.fold["form"][0])
+                assert widths == ([folded, len(W0)] if lora.fold["ok"][15] else [len(W0), folded - len(W0), len(W0)])
             before = y if gate is None else before
             rows = torch.zeros(15, dtype=torch.bool)
             if isinstance(gate, tuple):   # the same run of positions in each of the 3 rows
