@@ -121,11 +121,12 @@ def load(init_from, device="cpu", dtype=torch.float32, batch_invariant=True):
     else:
         model = load_checkpoint(ckpt, device=device, dtype=dtype)
     model = model.eval().set_backend("sdpa")
-    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not cpu_bf16_units():
+    cpu_bf16 = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+    if cpu_bf16 and not cpu_bf16_units():
         print("note: this CPU has no bf16 matrix units (AMX or AVX512-BF16): a bf16 forward feeding k tokens costs about "
               "k/2 one-token forwards here (bench.py --forward_cost), so decoders that feed several tokens a forward "
               "lose to AR in bf16; use float32 for them", file=sys.stderr)
-    if batch_invariant and dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+    if cpu_bf16 and batch_invariant:
         try:   # set_backend checks the machine's kernels once
             model.set_backend("invariant")
         except UserError:
