@@ -48,6 +48,7 @@ forward_cost = ""        # only r(k) of this model (an HF folder, a checkpoint o
 context = 200            # r(k): tokens in the KV cache before the timed forwards
 dtype = "float32"        # r(k): float32 | bfloat16 (CPUs with AMX run bf16 matmuls of a few rows at about one row's cost)
 batch_invariant = True   # r(k) in bf16: on the batch-invariant backend generate.py decodes bf16 with (False: SDPA)
+prepack = True           # r(k) in float32 on a CPU: big linears through oneDNN, as generate.py decodes (False: F.linear)
 
 PRESETS = {  # model, data and budget; every mode gets the same
     "full": dict(toy_rows=20000, n_layer=4, n_head=4, n_kv_head=4, n_embd=128, max_iters=600, batch_size=16,
@@ -390,12 +391,12 @@ def select_runs(b):
 def main(argv=None):
     b = configure(defaults_from(globals()), [a if a != "--quick" else "--quick=True" for a in (sys.argv[1:] if argv is None else argv)])
     if b.forward_cost:   # r(k) of one model, alone
-        model, _, _ = generate.load(b.forward_cost, b.device, generate.torch_dtype(b.dtype), b.batch_invariant)
+        model, _, _ = generate.load(b.forward_cost, b.device, generate.torch_dtype(b.dtype), b.batch_invariant, b.prepack)
         r = forward_cost_ratios(model, b.context)
-        print(f"{b.forward_cost} ({b.dtype}, {model.backend}): t(1) {r['t1_ms']:.1f} ms after {b.context} tokens; r(k) = t(k)/t(1): " +
+        print(f"{b.forward_cost} ({b.dtype}, {model.backend}, prepack={b.prepack}): t(1) {r['t1_ms']:.1f} ms after {b.context} tokens; r(k) = t(k)/t(1): " +
               ", ".join(f"k={k} {v:.2f}" for k, v in r["ratio"].items()))
         return print(json.dumps({"forward_cost": r, "device": b.device, "dtype": b.dtype,
-                                 "backend": model.backend, "threads": torch.get_num_threads()}))
+                                 "backend": model.backend, "prepack": b.prepack, "threads": torch.get_num_threads()}))
     if b.drafter_steps < 1:
         raise UserError(f"drafter_steps={b.drafter_steps}: expected a whole number >= 1 (times the preset's max_iters)")
     runs = select_runs(b)

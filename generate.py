@@ -42,6 +42,8 @@ batch_invariant = True     # bfloat16 on CPU: a token's logits are the same bits
                            # feeds (model.py's invariant backend), so greedy output is a function of the prompt
                            # and --verify is exactly AR's; False: SDPA. fp32 and CUDA run SDPA (no fp32 CPU matmul
                            # is batch-invariant; CUDA is not measured); --verify there = AR wherever the argmax agrees
+prepack = True             # float32 on a CPU: linears with >= 2^18 weights (SmolLM2's, not the toy's) through oneDNN on
+                           # prepacked copies (invariant.py; the copies double those weights' memory); False: F.linear (MKL)
 seed = 1337
 quiet = False              # no progress line
 
@@ -111,7 +113,7 @@ def cpu_bf16_units():
     return has("_is_amx_tile_supported") or has("_is_avx512_bf16_supported")
 
 
-def load(init_from, device="cpu", dtype=torch.float32, batch_invariant=True):
+def load(init_from, device="cpu", dtype=torch.float32, batch_invariant=True, prepack=True):
     ckpt = find_checkpoint(init_from)
     info = load_info(ckpt)
     # decoding forwards are a few tokens against the cache and change shape every step: a dense
@@ -120,7 +122,7 @@ def load(init_from, device="cpu", dtype=torch.float32, batch_invariant=True):
         model = load_lora_checkpoint(ckpt, info, device, dtype)
     else:
         model = load_checkpoint(ckpt, device=device, dtype=dtype)
-    model = model.eval().set_backend("sdpa")
+    model = model.eval().set_backend("sdpa").set_prepack(prepack)
     cpu_bf16 = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
     if cpu_bf16 and not cpu_bf16_units():
         print("note: this CPU has no bf16 matrix units (AMX or AVX512-BF16): a bf16 forward feeding k tokens costs about "
@@ -317,7 +319,7 @@ def main(argv=None):
     c = configure(defaults_from(globals()), argv)
     print_config(c, file=sys.stderr)
     torch.manual_seed(c.seed)
-    model, info, tok = load(c.init_from, c.device, torch_dtype(c.dtype), c.batch_invariant)
+    model, info, tok = load(c.init_from, c.device, torch_dtype(c.dtype), c.batch_invariant, c.prepack)
     items = load_prompts(c, info)
     ref = read_same_as(c.same_as, items) if c.same_as else None
     if c.out:

@@ -1,7 +1,8 @@
 """
-Batch-invariant decoding (model.py's "invariant" backend): the few functions that make a token's
-logits the same bits whatever else its forward feeds, and the check that this machine's kernels
-have the property they rest on.
+Decoding's linears and attention: batch-invariant decoding (model.py's "invariant" backend), the
+few functions that make a token's logits the same bits whatever else its forward feeds, and the
+check that this machine's kernels have the property they rest on; and float32 linears through
+oneDNN on prepacked weights (Packs), the fast path for decoding on a CPU.
 """
 import torch
 import torch.nn as nn
@@ -18,8 +19,43 @@ import torch.nn.functional as F
 INVARIANT_ROWS, INVARIANT_TILE = 32, 64
 
 
-def linear(x, weight, bias=None, rows=0):
-    """F.linear in calls of at most `rows` rows of x (0: one call)."""
+# float32 on a CPU, torch's F.linear calls MKL, whose kernel for a few rows is slow: on SmolLM2's shapes
+# on an AVX2 Zen 3 a call of 2-16 rows costs about twice one row's, and a row 2x what oneDNN's matmul
+# on a prepacked weight costs (the 49k-row head: 9.0 ms against 4.7 for one row, 21.7 against 5.9 for
+# four). oneDNN's call costs ~30 us more, which only a big weight repays: PACK_MIN elements (measured:
+# even around 2^17-2^18, a loss below). Measured there too: each row of a oneDNN call has the bits it
+# has alone, and appending rows to the weight leaves the first rows' outputs' bits as they were.
+PACK_MIN = 2 ** 18
+
+
+def packable(weight):
+    """Whether linear runs this weight through oneDNN on a prepacked copy (Packs)."""
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() >= PACK_MIN
+            and not weight.is_inference() and torch.backends.mkldnn.is_available())
+
+
+class Packs(dict):
+    """A module's oneDNN prepacked copies of its weights (name -> ((data_ptr, version, shape), copy)),
+    each remade when its weight changes: another tensor, or the same one written in place. A deep
+    copy of the module starts without them (an opaque oneDNN tensor cannot be copied)."""
+
+    def get_packed(self, name, weight):
+        if not packable(weight):
+            return None
+        key, hit = (weight.data_ptr(), weight._version, tuple(weight.shape)), self.get(name)
+        if hit is None or hit[0] != key:
+            hit = self[name] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        return hit[1]
+
+    def __deepcopy__(self, memo):
+        return Packs()
+
+
+def linear(x, weight, bias=None, rows=0, packed=None):
+    """F.linear in calls of at most `rows` rows of x (0: one call); with `packed`, weight's oneDNN
+    prepacked copy (Packs), one oneDNN call."""
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     n = x.numel() // x.shape[-1]
     if not rows or n <= rows:
         return F.linear(x, weight, bias)

@@ -79,9 +79,11 @@ class LoRA(nn.Module):
                              "form": (Wc, bc, (self.scale * B).to(W.dtype)), "probed": {}, "ok": {}}
         if n not in f["ok"]:   # a call size not seen yet: probe each size linear splits it into
             sizes = {n} if not layer.rows or n <= layer.rows else {layer.rows, n % layer.rows} - {0}
-            for m in sizes - f["probed"].keys():
+            for m in sizes - f["probed"].keys():   # with the kernels the layer's forward runs (Projection.packed)
                 x = torch.randn(m, W.shape[1], generator=torch.Generator().manual_seed(m)).to(W)
-                f["probed"][m] = torch.equal(F.linear(x, *f["form"][:2])[:, :len(W)], F.linear(x, W, b))
+                Wc, bc = f["form"][:2]
+                f["probed"][m] = torch.equal(linear(x, Wc, bc, packed=layer.packed("fold", Wc))[:, :len(W)],
+                                             linear(x, W, b, packed=layer.packed("weight", W)))
             f["ok"][n] = all(f["probed"][m] for m in sizes)
         return f["form"], f["ok"][n]
 

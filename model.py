@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention, create_block_mask
 
 from configurator import UserError
-from invariant import INVARIANT_ROWS, INVARIANT_TILE, invariant_attention, invariant_matmuls, linear
+from invariant import INVARIANT_ROWS, INVARIANT_TILE, Packs, invariant_attention, invariant_matmuls, linear
 from masks import causal_mask, dense_mask
 from lora import LORA_SLOTS, LoRA, SamplerHead, is_adapter_key, parse_lora_targets
 
@@ -120,31 +120,38 @@ class Projection(nn.Linear):
     (inference mode) runs the adapters folded into the layer's own matmul (LoRA.folded), in eval mode;
     at a call size where that would change the frozen rows' bits, x Aᵀ is its own matmul."""
 
-    rows = 0   # the invariant backend's calls of at most this many rows (model.set_backend)
+    rows = 0      # the invariant backend's calls of at most this many rows (model.set_backend)
+    pack = False  # decoding: oneDNN on prepacked weights where invariant.packable (model.set_prepack)
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.lora = None
+        self.lora, self.packs = None, Packs()
 
-    def _apply(self, *args, **kw):   # .to() and the like: the adapter's fold (a copy of the weight) goes too
+    def _apply(self, *args, **kw):   # .to() and the like: the adapter's fold (a copy of the weight) and packs go too
         if self.lora is not None:
             self.lora.fold = None
+        self.packs = Packs()
         return super()._apply(*args, **kw)
 
+    def packed(self, name, weight):
+        """weight's prepacked copy (Packs) where decoding packs, else None (F.linear)."""
+        return self.packs.get_packed(name, weight) if self.pack else None
+
     def forward(self, x, gate=None):
-        if self.lora is None or (isinstance(gate, torch.Tensor) and len(gate) == 0):
-            return linear(x, self.weight, self.bias, self.rows)
         decoding = torch.is_inference_mode_enabled() and not self.training
+        packed = self.packed if decoding else lambda name, weight: None
+        if self.lora is None or (isinstance(gate, torch.Tensor) and len(gate) == 0):
+            return linear(x, self.weight, self.bias, self.rows, packed("weight", self.weight))
         limit = self.rows if gate is None else 0   # every row's delta keeps the invariant row limit; slots need not
         x2, out = x.reshape(-1, x.shape[-1]), self.out_features
         if decoding:   # [W; A] and scale B (LoRA.folded); delta = (x Aᵀ)(scale B)ᵀ
             (W, b, B), one = self.lora.folded(self, len(x2))
             if one:   # one matmul gives [frozen output | x Aᵀ]
-                y = linear(x, W, b, self.rows)
+                y = linear(x, W, b, self.rows, packed("fold", W))
                 xa = y.view(-1, y.shape[-1])[:, out:]
                 delta = lambda pick: linear(pick(xa), B, rows=limit)
             else:     # appending A would change the frozen rows' bits at this size: A apart
-                y = linear(x, self.weight, self.bias, self.rows)
+                y = linear(x, self.weight, self.bias, self.rows, packed("weight", self.weight))
                 delta = lambda pick: linear(linear(pick(x2), W[out:], rows=limit), B, rows=limit)
         else:
             y = linear(x, self.weight, self.bias, self.rows)
@@ -280,6 +287,7 @@ class Transformer(nn.Module):
         self.mask_embed = None           # LoRA runs: the trainable copy of the MASK embedding row
         self.sampler_head = None         # gated LoRA runs may add one (SamplerHead)
         self.ce_rows = 0                 # rows per cross-entropy chunk (0: 2^27 logits' worth)
+        self.pack, self.packs = False, Packs()   # decoding's oneDNN head (set_prepack)
 
     def set_backend(self, backend, device=None):
         """Chosen once: 'flex' (BlockMask; on CUDA the compiled kernel, since eager Flex
@@ -296,6 +304,20 @@ class Transformer(nn.Module):
                 m.rows = INVARIANT_ROWS if backend == "invariant" else 0
         cuda = str(device or next(self.parameters()).device).startswith("cuda")
         self.flex = torch.compile(flex_attention, dynamic=False) if backend == "flex" and cuda else flex_attention
+        return self
+
+    def _apply(self, *args, **kw):   # .to() and the like: the head's prepacked copy goes
+        self.packs = Packs()
+        return super()._apply(*args, **kw)
+
+    def set_prepack(self, on=True):
+        """Decoding (inference mode, eval): the float32 CPU linears big enough to gain (invariant.packable)
+        through oneDNN on prepacked copies of their weights, made at first use and remade when a weight
+        changes; off: F.linear. The copies double those weights' memory."""
+        self.pack = on
+        for m in self.modules():
+            if isinstance(m, Projection):
+                m.pack = on
         return self
 
     @torch.no_grad()
@@ -396,7 +418,9 @@ class Transformer(nn.Module):
         z = h if prev is None else self.sampler_head(h, self.embed_tokens(prev))
         if rows is not None:
             return F.linear(z, rows)
-        return linear(z, self.lm_head.weight, rows=INVARIANT_ROWS if self.backend == "invariant" else 0)
+        decoding = self.pack and torch.is_inference_mode_enabled() and not self.training
+        return linear(z, self.lm_head.weight, rows=INVARIANT_ROWS if self.backend == "invariant" else 0,
+                      packed=self.packs.get_packed("head", self.lm_head.weight) if decoding else None)
 
     def head_loss(self, h, targets, prev=None):
         """(per-token fp32 cross-entropy, argmax) of the head over hidden states h (N, C), in chunks

@@ -57,7 +57,7 @@ def forward_cost_ratios(model, context=200, ks=(1, 2, 4, 8, 16, 32), reps=7):
     cache = KVCache(cfg, 1, context + max(ks), dev, next(model.parameters()).dtype)
     g = torch.Generator().manual_seed(0)
     times = {k: [] for k in ks}
-    with torch.no_grad():
+    with torch.inference_mode():   # as decoding runs (a prepacked model packs there only)
         model(torch.randint(0, cfg.vocab_size, (1, context), generator=g).to(dev), cache=cache)
         cache.commit(context)
         for _ in range(reps + 1):

@@ -330,6 +330,28 @@ def test_gated_rows_are_a_view_where_every_batch_row_has_its_slots_in_the_same_c
     assert torch.equal(batch[:, :5], frozen[:, :5]) and not torch.allclose(batch[:, 5:8], frozen[:, 5:8])
 
 
+def test_gated_rows_keep_the_frozen_bits_on_prepacked_weights():
+    """fp32 decoding through oneDNN (set_prepack): the rows a gated model does not gate are its
+    base's bits (the base prepacked too), on whichever path the fold's probe picked, and the gated
+    rows get the delta. Weights big enough to pack: gate_up 2048x256, down 256x1024, the head."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN (the packed path is off without it)")
+    cfg = model.ModelConfig(vocab_size=1100, n_layer=2, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=1024)
+    base = model.Transformer(cfg).init_weights(0).eval()
+    gated = copy.deepcopy(base).add_lora(8, 16.0, 0.0, "all-linear", 1099, gated=True).eval()
+    with torch.no_grad():
+        for n, p in gated.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+    x = torch.randint(0, 1099, (2, 12), generator=torch.Generator().manual_seed(0))
+    x[:, 9:] = 1099   # MASK last: the rows before it never see a gated row
+    with torch.inference_mode():
+        a, g = base.set_prepack()(x), gated.set_prepack()(x)
+    assert torch.equal(g[:, :9], a[:, :9]) and not torch.allclose(g[:, 9:], a[:, 9:], atol=1e-3)
+    layer = gated.layers[0].mlp.gate_up_proj
+    assert "fold" in layer.packs or "weight" in layer.packs   # the packed path ran
+
+
 def test_fused_adapters_are_each_projections_own_and_follow_updates(monkeypatch):
     """A LoRA runs its slices as one stacked A and a block-diagonal B; that is each HF projection's
     own B A x (zero for a slice without an adapter). Decoding (inference mode) folds A into the
@@ -355,7 +377,8 @@ def test_fused_adapters_are_each_projections_own_and_follow_updates(monkeypatch)
     frozen = F.linear(x, W0, layer.bias)
     gates = (None, slice(4, 9), (3, 5, slice(2, 4)), torch.tensor([1, 6, 7, 14]), torch.tensor([], dtype=torch.long))
     widths, real = [], model.linear   # the rows of each weight the layer multiplies by: which path ran
-    monkeypatch.setattr(model, "linear", lambda x, w, b=None, rows=0: widths.append(len(w)) or real(x, w, b, rows))
+    monkeypatch.setattr(model, "linear", lambda x, w, b=None, rows=0, packed=None: widths.append(len(w)) or
+                        real(x, w, b, rows, packed))
     for one in (True, False):   # False: a call size where appending A would change the frozen rows' bits
         for gate in gates:
             if not one:   # the fold, built on the first pass, says so for this call size

@@ -320,3 +320,47 @@ def test_invariant_backend_refuses_a_machine_whose_matmul_is_not_invariant(monke
     monkeypatch.setattr(model_module.F, "linear", lambda x, w, b=None: real(x, w, b) + 1e-3 * x.shape[0])
     with pytest.raises(UserError, match="matmul gives a row other bits"):
         m.set_backend("invariant")
+
+
+def _big_enough_to_pack():
+    """Some linears at least PACK_MIN weights (gate_up 2048x256, down 256x1024, the head 1100x256),
+    some below it (qkv 512x256, o 256x256)."""
+    cfg = ModelConfig(vocab_size=1100, n_layer=2, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=1024)
+    return Transformer(cfg).init_weights(0).eval()
+
+
+def test_prepacked_decoding_is_f_linear_and_follows_the_weights():
+    """set_prepack: decoding (inference mode, eval) runs exactly the float32 linears with >= PACK_MIN
+    weights through oneDNN on prepacked copies; the logits are F.linear's up to fp32 rounding; a
+    weight written in place is repacked; training and no_grad forwards never pack; a deep copy of a
+    packed model starts without copies."""
+    import copy
+    from invariant import PACK_MIN
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN (the packed path is off without it)")
+    m = _big_enough_to_pack()
+    x = torch.randint(0, 1100, (2, 9), generator=torch.Generator().manual_seed(0))
+    packed = lambda: {n for n, mod in m.named_modules() if getattr(mod, "packs", None)}
+    want = {n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and mod.weight.numel() >= PACK_MIN}
+    assert want == {f"layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")} | {"lm_head"}
+
+    def logits(pack):
+        m.set_prepack(pack)
+        with torch.inference_mode():
+            return m(x)
+    ref = logits(False)
+    assert packed() == set()
+    torch.testing.assert_close(logits(True), ref, atol=1e-4, rtol=1e-4)
+    assert packed() == {n.replace("lm_head", "") for n in want}   # the head's copy lives on the model
+    with torch.no_grad():
+        m.layers[1].mlp.down_proj.weight.mul_(1.5)   # in place: same tensor, new version
+    torch.testing.assert_close(logits(True), logits(False), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(logits(True), ref, atol=1e-2)
+    twin = copy.deepcopy(m)
+    assert not any(getattr(mod, "packs", None) for mod in twin.modules())
+    m = twin.set_prepack(True)
+    with torch.no_grad():
+        m(x)
+    m.train()
+    m(x).sum().backward()
+    assert packed() == set()
