@@ -65,7 +65,8 @@ def test_gguf_self_distillation_round_trip(gguf, tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_gated_verify_on_smollm2_is_its_ar_greedy(gguf, dtype):
     """Gated LoRA + sampler head on the real model, adapters random (drafts wrong as often as
-    right): blockwise --verify returns exactly the plain model's AR greedy, batch = single. In
+    right): blockwise --verify returns exactly the plain model's AR greedy, batch = single (fp32:
+    on the prepacked oneDNN linears generate.py decodes with). In
     bf16 on the batch-invariant backend (generate.py's default there) AR's own output is a
     function of the prompt too, where bf16 SDPA's follows the batch and the forward's width."""
     from decoders import decode_blockwise
@@ -86,7 +87,8 @@ def test_gated_verify_on_smollm2_is_its_ar_greedy(gguf, dtype):
         for name, p in model.named_parameters():
             if "lora_B" in name or name.startswith("sampler_head."):
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
-    base, model = (m.eval().to(dt).set_backend(backend) for m in (base, model))
+    # fp32: through oneDNN on prepacked weights, as generate.py decodes by default (bf16 never packs)
+    base, model = (m.eval().to(dt).set_backend(backend).set_prepack() for m in (base, model))
     import transformers
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
@@ -105,3 +107,5 @@ def test_gated_verify_on_smollm2_is_its_ar_greedy(gguf, dtype):
         assert [r[0] for r in got] == [r[0] for r in want], tree
         assert sum(r[1] for r in got) <= sum(r[1] for r in want), tree
     assert [decode_blockwise(model, [p], v, info)[0] for p in prompts] == got   # the tree: batch = single
+    if dt == torch.float32 and torch.backends.mkldnn.is_available():   # the packed path ran
+        assert "head" in base.packs and "fold" in model.layers[0].mlp.gate_up_proj.packs
