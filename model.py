@@ -145,14 +145,20 @@ class Projection(nn.Linear):
         limit = self.rows if gate is None else 0   # every row's delta keeps the invariant row limit; slots need not
         x2, out = x.reshape(-1, x.shape[-1]), self.out_features
         if decoding:   # [W; A] and scale B (LoRA.folded); delta = (x Aᵀ)(scale B)ᵀ
-            (W, b, B), one = self.lora.folded(self, len(x2))
+            (W, b, B, blocks), one = self.lora.folded(self, len(x2))
             if one:   # one matmul gives [frozen output | x Aᵀ]
                 y = linear(x, W, b, self.rows, packed("fold", W))
-                xa = y.view(-1, y.shape[-1])[:, out:]
-                delta = lambda pick: linear(pick(xa), B, rows=limit)
+                xa_of = lambda pick, xa=y.view(-1, y.shape[-1])[:, out:]: pick(xa)
             else:     # appending A would change the frozen rows' bits at this size: A apart
                 y = linear(x, self.weight, self.bias, self.rows, packed("weight", self.weight))
-                delta = lambda pick: linear(linear(pick(x2), W[out:], rows=limit), B, rows=limit)
+                xa_of = lambda pick: linear(pick(x2), W[out:], rows=limit)
+            if isinstance(gate, slice):   # one run of rows (batch 1): B's nonzero blocks, added in place
+                rows = y.view(-1, y.shape[-1])[gate]
+                xa = xa_of(lambda z: z[gate])
+                for o0, o1, r0, r1, Bt in blocks:
+                    rows[:, o0:o1].addmm_(xa[:, r0:r1], Bt)
+                return y[..., :out]
+            delta = lambda pick: linear(xa_of(pick), B, rows=limit)
         else:
             y = linear(x, self.weight, self.bias, self.rows)
             delta = lambda pick: self.lora(pick(x2), limit).to(y.dtype)
