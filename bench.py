@@ -48,7 +48,7 @@ forward_cost = ""        # only r(k) of this model (an HF folder, a checkpoint o
 context = 200            # r(k): tokens in the KV cache before the timed forwards
 dtype = "float32"        # r(k): float32 | bfloat16 (CPUs with AMX run bf16 matmuls of a few rows at about one row's cost)
 batch_invariant = True   # r(k) in bf16: on the batch-invariant backend generate.py decodes bf16 with (False: SDPA)
-prepack = True           # r(k) in float32 on a CPU: big linears through oneDNN, as generate.py decodes (False: F.linear)
+prepack = True           # --forward_cost in float32 on a CPU: big linears through oneDNN, as generate.py decodes (False: F.linear)
 
 PRESETS = {  # model, data and budget; every mode gets the same
     "full": dict(toy_rows=20000, n_layer=4, n_head=4, n_kv_head=4, n_embd=128, max_iters=600, batch_size=16,

@@ -36,8 +36,9 @@ def packable(weight):
 
 class Packs(dict):
     """A module's oneDNN prepacked copies of its weights (name -> ((data_ptr, version, shape), copy)),
-    each remade when its weight changes: another tensor, or the same one written in place. A deep
-    copy of the module starts without them (an opaque oneDNN tensor cannot be copied)."""
+    each remade when its weight changes: another tensor, or the same one written in place (an
+    optimizer step, load_state_dict; not a write through `.data`, which bypasses the version). A
+    deep copy of the module starts without them (an opaque oneDNN tensor cannot be copied)."""
 
     def get_packed(self, name, weight):
         if not packable(weight):
@@ -54,7 +55,7 @@ class Packs(dict):
 def linear(x, weight, bias=None, rows=0, packed=None):
     """F.linear in calls of at most `rows` rows of x (0: one call); with `packed`, weight's oneDNN
     prepacked copy (Packs), one oneDNN call."""
-    if packed is not None:
+    if packed is not None and x.dtype == torch.float32:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     n = x.numel() // x.shape[-1]
     if not rows or n <= rows:

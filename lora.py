@@ -67,7 +67,7 @@ class LoRA(nn.Module):
         layer.rows). Where it does not, the caller runs W and A = W'[out:] as two matmuls.
         blocks: (out from, out to, rank from, rank to, (scale B_slice)ᵀ) per targeted slice, the
         nonzero blocks of the block-diagonal scale B, for a delta added slice by slice (addmm_): on
-        SmolLM2 at batch 1 (fp32, the Zen 3) a 9-row gated forward took 67.0 ms so against 73.9 with
+        SmolLM2 at batch 1 (fp32, the Zen 3) a 9-row gated forward took 67.0 ms so, against 73.9 with
         one matmul by the whole B (two thirds zeros for q|k|v, half for gate|up) and an add.
         On SmolLM2 in bf16 at batch 1 (random rank-32 adapters, two alternating rounds on the CPU) a
         gated step took 69-74 ms folded against 73-79 ms with x Aᵀ as its own matmul in fp32."""

@@ -134,8 +134,9 @@ class Projection(nn.Linear):
         return super()._apply(*args, **kw)
 
     def packed(self, name, weight):
-        """weight's prepacked copy (Packs) where decoding packs, else None (F.linear)."""
-        return self.packs.get_packed(name, weight) if self.pack else None
+        """weight's prepacked copy (Packs) where decoding packs, else None (F.linear; always under the
+        invariant backend's row limit, whose property is measured for F.linear)."""
+        return self.packs.get_packed(name, weight) if self.pack and not self.rows else None
 
     def forward(self, x, gate=None):
         decoding = torch.is_inference_mode_enabled() and not self.training
@@ -317,13 +318,17 @@ class Transformer(nn.Module):
         return super()._apply(*args, **kw)
 
     def set_prepack(self, on=True):
-        """Decoding (inference mode, eval): the float32 CPU linears big enough to gain (invariant.packable)
-        through oneDNN on prepacked copies of their weights, made at first use and remade when a weight
-        changes; off: F.linear. The copies double those weights' memory."""
-        self.pack = on
+        """Decoding (inference mode, eval): the float32 CPU projections and head big enough to gain
+        (invariant.packable) through oneDNN on prepacked copies of their weights, made at first use
+        and remade when a weight changes; off: F.linear. Either way the copies made so far go, and
+        the adapters' folds, whose probes ran on the other kernels. A copy adds its weight's size
+        again (a gated LoRA layer keeps two: its fold's and, for the probe, its weight's)."""
+        self.pack, self.packs = on, Packs()
         for m in self.modules():
             if isinstance(m, Projection):
-                m.pack = on
+                m.pack, m.packs = on, Packs()
+                if m.lora is not None:
+                    m.lora.fold = None
         return self
 
     @torch.no_grad()
@@ -538,7 +543,7 @@ def empty(model, device):
 def local_rows(p):
     """(local tensor, its first row in the full tensor): a plain tensor itself and 0, or the shard
     an FSDP2 DTensor parameter keeps on this rank (dim 0 cut in torch.chunk's way)."""
-    if not hasattr(p, "device_mesh"):
-        return p.data, 0
+    if not hasattr(p, "device_mesh"):   # detach, not .data: a write bumps p's version (Packs sees it)
+        return p.detach(), 0
     world, r = p.device_mesh.size(), p.device_mesh.get_local_rank()
     return p.to_local(), min(r * -(-p.shape[0] // world), p.shape[0])

@@ -116,6 +116,7 @@ def test_bf16_decodes_on_the_batch_invariant_backend(tiny_ckpt, tmp_path):
     assert load(out, dtype=torch.bfloat16)[0].backend == "invariant"
     assert load(out, dtype=torch.bfloat16, batch_invariant=False)[0].backend == "sdpa"
     assert load(out)[0].backend == "sdpa"
+    assert load(out)[0].pack and not load(out, prepack=False)[0].pack   # --prepack: fp32's oneDNN linears
     data = [f"--init_from={out}", f"--data={tiny_ckpt}/data/val.jsonl", "--limit=6", "--max_new_tokens=12",
             "--dtype=bfloat16", "--quiet=True"]
     assert run_main("generate.py", *data, "--batch_size=1", f"--out={tmp_path}/b1.jsonl").returncode == 0
