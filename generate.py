@@ -40,8 +40,8 @@ device = "cpu"
 dtype = "float32"          # float32 | bfloat16
 batch_invariant = True     # bfloat16 on CPU: a token's logits are the same bits whatever else its forward
                            # feeds (model.py's invariant backend), so greedy output is a function of the prompt
-                           # and --verify is exactly AR's; False: SDPA. fp32 and CUDA run SDPA (no fp32 CPU matmul
-                           # is batch-invariant; CUDA is not measured); --verify there = AR wherever the argmax agrees
+                           # and --verify is exactly AR's; False: SDPA. fp32 and CUDA run SDPA (fp32 CPU attention and
+                           # F.linear are not batch-invariant; CUDA is not measured); --verify there = AR wherever the argmax agrees
 prepack = True             # float32 on a CPU: projections and head with >= 2^18 weights (SmolLM2's, not the toy's) through
                            # oneDNN on prepacked copies (invariant.py; each copy adds its weight's size again); False: F.linear
 seed = 1337
