@@ -102,3 +102,17 @@ def needs_invariant_bf16():
     m = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=64)).to(torch.bfloat16)
     if not invariant_matmuls(m):
         pytest.skip("this CPU's bf16 matmul gives a row other bits in calls of other sizes (no AMX?)")
+
+
+def spy_packing(monkeypatch):
+    """A list that receives (big enough to pack?, ran packed?) for every linear model.py calls."""
+    import model
+    from invariant import PACK_MIN
+    calls, real = [], model.linear
+    monkeypatch.setattr(model, "linear", lambda x, w, b=None, rows=0, packed=None:
+                        calls.append((w.numel() >= PACK_MIN, packed is not None)) or real(x, w, b, rows, packed))
+    return calls
+
+
+def every_big_linear_packed(calls):
+    return any(big for big, _ in calls) and all(p for big, p in calls if big)

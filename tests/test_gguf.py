@@ -89,11 +89,8 @@ def test_gated_verify_on_smollm2_is_its_ar_greedy(gguf, dtype, monkeypatch):
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
     # fp32: through oneDNN on prepacked weights, as generate.py decodes by default (bf16 never packs)
     base, model = (m.eval().to(dt).set_backend(backend).set_prepack() for m in (base, model))
-    import model as model_module
-    from invariant import PACK_MIN
-    calls, real = [], model_module.linear   # (a big weight?, packed?) for every linear decoding calls
-    monkeypatch.setattr(model_module, "linear", lambda x, w, b=None, rows=0, packed=None:
-                        calls.append((w.numel() >= PACK_MIN, packed is not None)) or real(x, w, b, rows, packed))
+    from conftest import every_big_linear_packed, spy_packing
+    calls = spy_packing(monkeypatch)
     import transformers
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
@@ -113,4 +110,4 @@ def test_gated_verify_on_smollm2_is_its_ar_greedy(gguf, dtype, monkeypatch):
         assert sum(r[1] for r in got) <= sum(r[1] for r in want), tree
     assert [decode_blockwise(model, [p], v, info)[0] for p in prompts] == got   # the tree: batch = single
     if dt == torch.float32 and torch.backends.mkldnn.is_available():   # every big weight's call ran packed
-        assert any(big for big, _ in calls) and all(p for big, p in calls if big)
+        assert every_big_linear_packed(calls)

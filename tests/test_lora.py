@@ -336,7 +336,7 @@ def test_gated_rows_keep_the_frozen_bits_on_prepacked_weights(monkeypatch):
     base's bits (the base prepacked too), on whichever path the fold's probe picked, and the gated
     rows get the delta, at batch 2 (the same run of columns in each row) and at batch 1 (B's blocks
     by addmm_). Weights big enough to pack: gate_up 2048x256, down 256x1024, the head."""
-    from invariant import PACK_MIN
+    from conftest import every_big_linear_packed, spy_packing
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN (the packed path is off without it)")
     cfg = model.ModelConfig(vocab_size=1100, n_layer=2, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=1024)
@@ -348,15 +348,13 @@ def test_gated_rows_keep_the_frozen_bits_on_prepacked_weights(monkeypatch):
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
     x = torch.randint(0, 1099, (2, 12), generator=torch.Generator().manual_seed(0))
     x[:, 9:] = 1099   # MASK last: the rows before it never see a gated row
-    calls, real = [], model.linear   # (a big weight?, packed?) for every linear the forwards call
-    monkeypatch.setattr(model, "linear", lambda x, w, b=None, rows=0, packed=None:
-                        calls.append((w.numel() >= PACK_MIN, packed is not None)) or real(x, w, b, rows, packed))
+    calls = spy_packing(monkeypatch)
     base.set_prepack(), gated.set_prepack()
     for rows in (x, x[:1]):
         with torch.inference_mode():
             a, g = base(rows), gated(rows)
         assert torch.equal(g[:, :9], a[:, :9]) and not torch.allclose(g[:, 9:], a[:, 9:], atol=1e-3)
-    assert any(big for big, _ in calls) and all(p for big, p in calls if big)
+    assert every_big_linear_packed(calls)
 
 
 def test_fused_adapters_are_each_projections_own_and_follow_updates(monkeypatch):
